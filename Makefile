@@ -1,0 +1,37 @@
+# The two commands the README gives: `make demo` (set up, then run the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+DATA ?= data/synthetic
+
+.PHONY: setup demo test test-slow lint format clean
+
+$(BIN)/pod: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned to the release on this machine's disk; a plain `torch` would download a CUDA build
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.3,<2.15"
+	$(BIN)/pip install -q -e ".[all]"
+	touch $(BIN)/pod
+
+setup: $(BIN)/pod
+
+demo: setup
+	$(BIN)/pod data synth --out $(DATA)
+	$(BIN)/pod train --data $(DATA) --out $(RUN) --preset tiny --epochs 30 --max-minutes 4 --lr 1e-3
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs data/synthetic

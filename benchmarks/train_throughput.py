@@ -1,0 +1,177 @@
+"""Task-alternated vs sample-mixed training throughput, each at the largest batch that fits a memory budget.
+
+The paper's protocol (Sec. 5.5, Table 5): both strategies get the biggest batch the device holds; then
+we time real training steps and print samples/s and estimated time per epoch side by side, the speed
+ratio last.
+
+Memory: on CUDA the real peak (`torch.cuda.max_memory_allocated`) of a forward+backward on the worst
+batch of that size; on CPU, where no allocator reports a peak, the padded token count of the worst batch
+(input + target tokens) against a token budget, which is what memory scales with for a fixed model.
+
+    python benchmarks/train_throughput.py                       # CPU: tiny preset, synthetic shop
+    python benchmarks/train_throughput.py --preset t5-small --memory-gib 40 --seconds 60 --out r.json  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pod.dataset import PreparedData  # noqa: E402
+from pod.model import build_model  # noqa: E402
+from training.data.synth import write_synthetic  # noqa: E402
+from training.samples import Sample, collate, epoch_samples, make_batches  # noqa: E402
+from training.train import TrainConfig, autocast, tokenizer_for  # noqa: E402
+
+
+def worst_batch(samples: list[Sample], size: int) -> list[Sample]:
+    """The `size` longest samples: the batch that decides whether a batch size fits."""
+    ranked = sorted(samples, key=lambda s: len(s.source) + 4 * len(s.target), reverse=True)
+    return (ranked * (size // max(1, len(ranked)) + 1))[:size]
+
+
+def fits(model, tok, task_index, batch: list[Sample], device, budget: float, cfg) -> bool:
+    enc = collate(batch, tok, task_index)
+    if device.type != "cuda":
+        tokens = enc["input_ids"].numel() + enc["labels"].numel()
+        return tokens <= budget
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        with autocast(cfg, device):
+            loss = model(**{k: v.to(device) for k, v in enc.items()})
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated() <= budget
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        return False
+
+
+def largest_batch(model, tok, task_index, pool: list[Sample], device, budget, cfg, cap: int) -> int:
+    lo, hi = 0, 1
+    while hi <= cap and fits(model, tok, task_index, worst_batch(pool, hi), device, budget, cfg):
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(model, tok, task_index, worst_batch(pool, mid), device, budget, cfg):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def time_strategy(model, tok, task_index, batches: list[list[Sample]], device, seconds: float, cfg) -> dict:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    done = samples = 0
+    for warm in batches[:3]:  # warm-up (allocator, kernels)
+        with autocast(cfg, device):
+            loss = model(**{k: v.to(device) for k, v in collate(warm, tok, task_index).items()})
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds and done < len(batches):
+        batch = batches[done]
+        with autocast(cfg, device):
+            loss = model(**{k: v.to(device, non_blocking=True) for k, v in collate(batch, tok, task_index).items()})
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done += 1
+        samples += len(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"steps": done, "samples": samples, "seconds": elapsed, "samples_per_s": samples / elapsed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="prepared data directory (default: a fresh synthetic shop)")
+    ap.add_argument("--users", type=int, default=1000, help="synthetic shop size when --data is not given")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--memory-gib", type=float, default=20.0, help="CUDA memory budget")
+    ap.add_argument("--token-budget", type=int, default=64 * 512, help="CPU budget in padded tokens per batch")
+    ap.add_argument("--max-batch", type=int, default=4096)
+    ap.add_argument("--seconds", type=float, default=20.0, help="timed seconds per strategy")
+    ap.add_argument("--out", help="write the JSON report here")
+    args = ap.parse_args()
+
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    tmp = Path(tempfile.mkdtemp())
+    data_dir = Path(args.data) if args.data else tmp / "synth"
+    if not args.data:
+        write_synthetic(data_dir, users=args.users, items=max(300, args.users // 4))
+    data = PreparedData.load(data_dir)
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp), preset=args.preset)
+    tok = tokenizer_for(cfg, data, tmp)
+    torch.manual_seed(0)
+    model = build_model(tok, args.preset).to(device).train()
+    task_index = {t: model.config.task_index(t) for t in model.config.tasks}
+    samples = epoch_samples(data, data.tasks, random.Random(0))
+    epoch_size = sum(len(v) for v in samples.values())
+    budget = args.memory_gib * 2**30 if device.type == "cuda" else args.token_budget
+
+    sizes = {
+        t: largest_batch(model, tok, task_index, pool, device, budget, cfg, args.max_batch)
+        for t, pool in samples.items()
+    }
+    mixed_pool = [s for pool in samples.values() for s in pool]
+    sizes["mixed"] = largest_batch(model, tok, task_index, mixed_pool, device, budget, cfg, args.max_batch)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # alternated: each task at its own largest batch, cycling tasks; mixed: one batch size for all
+    per_task = {
+        t: make_batches({t: pool}, max(1, sizes[t]), "alternated", random.Random(1)) for t, pool in samples.items()
+    }
+    alternated = [b for group in zip(*per_task.values()) for b in group]
+    mixed = make_batches(samples, max(1, sizes["mixed"]), "mixed", random.Random(1))
+    results = {}
+    for name, batches in (("sample-mixed", mixed), ("task-alternated", alternated)):
+        r = time_strategy(model, tok, task_index, batches, device, args.seconds, cfg)
+        r["epoch_minutes"] = epoch_size / r["samples_per_s"] / 60
+        results[name] = r
+    ratio = results["task-alternated"]["samples_per_s"] / results["sample-mixed"]["samples_per_s"]
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    report = {
+        "device": device_name,
+        "preset": args.preset,
+        "data": str(data_dir),
+        "epoch_samples": epoch_size,
+        "batch_sizes": sizes,
+        "budget": budget,
+        "results": results,
+        "speedup": ratio,
+    }
+    print(f"device {device_name}, preset {args.preset}, {epoch_size} samples per epoch")
+    print(f"largest batches: {json.dumps(sizes)}")
+    print(f"{'strategy':<16} {'samples/s':>10} {'min/epoch':>10}")
+    for name, r in results.items():
+        print(f"{name:<16} {r['samples_per_s']:>10.1f} {r['epoch_minutes']:>10.2f}")
+    print(f"task-alternated / sample-mixed speed ratio: {ratio:.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The `pod` command. Each subcommand imports its stage lazily, so a slim serving install (no torch)
+can still run `pod serve`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from training.data.synth import write_synthetic
+
+    manifest = write_synthetic(args.out, users=args.users, items=args.items, seed=args.seed, item_index=args.item_index)
+    print(f"wrote {args.out}: {json.dumps(manifest['counts'])}")
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from training.data.prepare import prepare
+    from training.data.readers import read_source
+
+    raw = read_source(
+        args.format, [Path(p) for p in args.inputs], Path(args.explanations) if args.explanations else None
+    )
+    manifest = prepare(
+        raw,
+        args.out,
+        source_format=args.format,
+        item_index=args.item_index,
+        seed=args.seed,
+        num_negatives=args.negatives,
+        min_length=args.min_length,
+    )
+    print(f"wrote {args.out}: {json.dumps(manifest['counts'])}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if args.tasks:
+        cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.no_progress:
+        cfg.progress = False
+    summary = train(cfg, resume=args.resume)
+    if summary.get("best_val") is not None:
+        print(f"best validation loss {summary['best_val']:.4f}; checkpoint: {Path(args.out) / 'best'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pod", description="POD: prompt-distilled LLM recommendation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make a prepared data directory").add_subparsers(
+        dest="data_command", required=True
+    )
+    synth = data.add_parser("synth", help="write the embedded synthetic shop")
+    synth.add_argument("--out", required=True, type=Path)
+    synth.add_argument("--users", type=int, default=1000)
+    synth.add_argument("--items", type=int, default=300)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--item-index", default="keep", choices=["keep", "sequential", "random"])
+    synth.set_defaults(func=_data_synth)
+
+    prep = data.add_parser("prepare", help="prepare real data (POD, P5, CSV/Parquet or raw Amazon reviews)")
+    prep.add_argument("--format", required=True, choices=["pod", "p5", "csv", "amazon-reviews"])
+    prep.add_argument(
+        "inputs",
+        nargs="+",
+        help="pod/p5: the data directory; csv: interactions file; "
+        "amazon-reviews: the reviews JSON lines file (gzip or not)",
+    )
+    prep.add_argument("--explanations", help="csv: explanations file user,item,explanation[,feature]")
+    prep.add_argument("--out", required=True, type=Path)
+    prep.add_argument(
+        "--item-index",
+        default="keep",
+        choices=["keep", "sequential", "random"],
+        help="keep: the source's numbering (paper protocol); random: leak-free (default keep)",
+    )
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--negatives", type=int, default=99)
+    prep.add_argument("--min-length", type=int, default=3, help="drop users with fewer interactions")
+    prep.set_defaults(func=_data_prepare)
+
+    tr = sub.add_parser("train", help="train a POD model (task-alternated by default)")
+    tr.add_argument("--data", required=True)
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--preset", choices=["tiny", "small", "t5-small"])
+    tr.add_argument("--backbone", help="local Hugging Face T5 directory (safetensors + spiece.model)")
+    tr.add_argument("--tokenizer", help="a SentencePiece model (default: backbone's, else trained on the data)")
+    tr.add_argument("--vocab-size", type=int, dest="vocab_size")
+    tr.add_argument("--strategy", choices=["alternated", "mixed"])
+    tr.add_argument("--tasks", help="comma-separated subset of explanation,sequential,topn")
+    tr.add_argument("--num-prompts", type=int, dest="num_prompts", help="K continuous prompts per task (3)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--max-minutes", type=float, dest="max_minutes")
+    tr.add_argument("--max-steps", type=int, dest="max_steps")
+    tr.add_argument("--batch-size", type=int, dest="batch_size", help="64 as in the paper")
+    tr.add_argument("--eval-batch-size", type=int, dest="eval_batch_size")
+    tr.add_argument("--lr", type=float, help="5e-4 (paper: Beauty/Toys; 1e-3 Sports)")
+    tr.add_argument("--weight-decay", type=float, dest="weight_decay")
+    tr.add_argument("--warmup-steps", type=int, dest="warmup_steps")
+    tr.add_argument("--schedule", choices=["constant", "linear", "cosine"])
+    tr.add_argument("--clip", type=float, help="gradient norm clip (1.0; 0 disables)")
+    tr.add_argument("--dropout", type=float)
+    tr.add_argument("--patience", type=int, help="early stop after N epochs without improvement (5)")
+    tr.add_argument("--val-limit", type=int, dest="val_limit")
+    tr.add_argument("--save-every", type=int, dest="save_every")
+    tr.add_argument("--log-every", type=int, dest="log_every")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # user errors: one clear line, no traceback
+        print(f"pod: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The POD model: a T5 encoder-decoder, whole-word embeddings and K continuous prompts per task.
+
+Input embeddings are `[p_1..p_K, x_1..x_n]` where `x_j = token_emb + whole_word_emb` and the `p_k` are the
+task's continuous prompt vectors (no whole-word embedding at prompt positions; the attention mask gets K
+leading ones). Everything else is plain Hugging Face T5, so any local T5 directory (e.g. `t5-small`) can
+serve as the backbone.
+
+A checkpoint is a directory: `config.json` (enough to rebuild model and tokenizer), `model.safetensors`
+and `spiece.model`. Only safe formats are read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+
+from pod import TASKS
+from pod.atomic import write_dir_atomically
+from pod.tokenization import EOS_ID, PAD_ID, Tokenizer
+
+CHECKPOINT_FORMAT = "pod-checkpoint"
+CHECKPOINT_VERSION = 1
+
+PRESETS: dict[str, dict[str, float]] = {
+    # Learns the embedded synthetic shop on 2 CPU cores in minutes. No dropout: on a CPU, dropout on the
+    # attention probabilities of 500-token top-N inputs costs more than the rest of the step.
+    "tiny": dict(d_model=128, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32, dropout_rate=0.0),
+    # Bigger, still trainable on a CPU in tens of minutes.
+    "small": dict(d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64, dropout_rate=0.1),
+    # The paper's backbone shape (random weights unless --backbone gives a pretrained directory).
+    "t5-small": dict(
+        d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64, dropout_rate=0.1
+    ),
+}
+
+
+@dataclass
+class PODConfig:
+    """Everything, besides the weights, that is needed to rebuild a POD model."""
+
+    t5: dict
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    num_prompts: int = 3
+    whole_word_size: int = 512
+
+    def task_index(self, task: str) -> int:
+        return self.tasks.index(task)
+
+
+def t5_config(preset: str, vocab_size: int, dropout: float | None = None) -> dict:
+    """A T5 config dict for a named preset; vocabulary from the tokenizer (T5's 32,000 pieces -> 32,100)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    vocab = 32100 if vocab_size == 32000 else vocab_size
+    shape = dict(PRESETS[preset])
+    if dropout is not None:
+        shape["dropout_rate"] = dropout
+    cfg = T5Config(
+        vocab_size=vocab,
+        feed_forward_proj="relu",
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+        **shape,
+    )
+    return cfg.to_dict()
+
+
+class PODModel(nn.Module):
+    def __init__(self, config: PODConfig, backbone: T5ForConditionalGeneration | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.t5 = backbone if backbone is not None else T5ForConditionalGeneration(T5Config(**config.t5))
+        d_model = self.t5.config.d_model
+        self.whole_word = nn.Embedding(config.whole_word_size, d_model)
+        self.prompts = nn.Parameter(torch.empty(len(config.tasks), config.num_prompts, d_model))
+        nn.init.uniform_(self.prompts, -0.1, 0.1)
+
+    def embed(
+        self,
+        task_index: torch.Tensor,
+        input_ids: torch.Tensor,
+        whole_word_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        use_prompts: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder input embeddings and mask with the task's continuous prompts in front.
+
+        `task_index` has one entry per row, so sample-mixed batches need no special path.
+        """
+        tokens = self.t5.get_input_embeddings()(input_ids) + self.whole_word(whole_word_ids)
+        if not use_prompts:
+            return tokens, attention_mask
+        prompts = self.prompts[task_index].to(tokens.dtype)
+        ones = attention_mask.new_ones(attention_mask.shape[0], prompts.shape[1])
+        return torch.cat([prompts, tokens], dim=1), torch.cat([ones, attention_mask], dim=1)
+
+    def encode(self, task_index, input_ids, whole_word_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder hidden states and the matching (prompt-extended) attention mask."""
+        embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask)
+        hidden = self.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return hidden, mask
+
+    def forward(self, task_index, input_ids, whole_word_ids, attention_mask, labels) -> torch.Tensor:
+        """Mean token NLL over the non-padding target tokens (`labels` padded with -100)."""
+        embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask)
+        return self.t5(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    def logits(self, task_index, input_ids, whole_word_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+        embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask)
+        return self.t5(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+
+
+def build_model(
+    tokenizer: Tokenizer,
+    preset: str = "tiny",
+    backbone: str | Path | None = None,
+    num_prompts: int = 3,
+    tasks: list[str] | None = None,
+    dropout: float | None = None,
+) -> PODModel:
+    """A fresh POD model: pretrained backbone weights from a local directory, or random from a preset."""
+    tasks = list(tasks or TASKS)
+    if backbone is not None:
+        t5 = T5ForConditionalGeneration.from_pretrained(str(backbone), use_safetensors=True)
+        if t5.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"{backbone}: backbone vocabulary ({t5.config.vocab_size}) is smaller than the tokenizer's "
+                f"({tokenizer.vocab_size})"
+            )
+        config = PODConfig(t5=t5.config.to_dict(), tasks=tasks, num_prompts=num_prompts)
+        return PODModel(config, backbone=t5)
+    config = PODConfig(t5=t5_config(preset, tokenizer.vocab_size, dropout), tasks=tasks, num_prompts=num_prompts)
+    return PODModel(config)
+
+
+def save_checkpoint(model: PODModel, tokenizer: Tokenizer, out: Path, extra: dict | None = None, write_more=None):
+    """Write a checkpoint directory atomically; `write_more(tmpdir)` may add files (training state)."""
+    model = getattr(model, "module", model)
+
+    def fill(tmp: Path) -> None:
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "pod": asdict(model.config),
+            "tokenizer": "spiece.model",
+            **(extra or {}),
+        }
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))
+        shutil.copyfile(tokenizer.path, tmp / "spiece.model")
+        if write_more is not None:
+            write_more(tmp)
+
+    write_dir_atomically(Path(out), fill)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a training run directory (then its `best/`)."""
+    path = Path(path)
+    for cand in (path, path / "best", path / "last"):
+        if (cand / "config.json").is_file():
+            return cand
+    old = path.with_name(f".{path.name}.old")  # an interrupted swap leaves the previous one here
+    if (old / "config.json").is_file():
+        return old
+    raise FileNotFoundError(f"{path}: not a POD checkpoint (no config.json here or in best/ or last/)")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[PODModel, Tokenizer, dict]:
+    """Rebuild model and tokenizer from a checkpoint directory (safetensors and JSON only)."""
+    path = resolve_checkpoint(path)
+    meta = json.loads((path / "config.json").read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path / 'config.json'}: not a POD checkpoint (format={meta.get('format')!r})")
+    if meta.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path / 'config.json'}: checkpoint version {meta['version']} is newer than this code")
+    config = PODConfig(**meta["pod"])
+    tokenizer = Tokenizer(path / meta.get("tokenizer", "spiece.model"), config.whole_word_size)
+    model = PODModel(config)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if unexpected or [m for m in missing if not m.endswith(("lm_head.weight", "embed_tokens.weight"))]:
+        raise ValueError(
+            f"{path / 'model.safetensors'}: weights do not match config (missing {missing}, unexpected {unexpected})"
+        )
+    model.t5.tie_weights()
+    return model.to(device), tokenizer, meta

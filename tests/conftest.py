@@ -1,0 +1,33 @@
+"""Shared fixtures: the real data in ../shared (read in place, never copied) and a small synthetic shop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+T5_SPIECE = SHARED / "tokenizers" / "t5" / "spiece.model"
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared file {path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def t5_spiece() -> Path:
+    return shared_path("tokenizers", "t5", "spiece.model")
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory) -> Path:
+    """A small synthetic shop (200 users, 120 items) for fast training tests."""
+    from training.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "synth-small"
+    write_synthetic(out, users=200, items=120, seed=3)
+    return out

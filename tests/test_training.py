@@ -1,0 +1,139 @@
+"""Training behaviour: loss falls, resume equals an uninterrupted run, DDP with 2 processes, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from pod.cli import main
+from tests.conftest import ROOT
+from training.train import TrainConfig, train
+
+FAST = dict(batch_size=16, eval_batch_size=64, val_limit=48, log_every=1, progress=False, lr=2e-3)
+
+
+def test_loss_falls_on_synthetic_data(small_synth, tmp_path):
+    cfg = TrainConfig(
+        data=str(small_synth), out=str(tmp_path / "run"), tasks=["explanation", "sequential"], epochs=3, **FAST
+    )
+    summary = train(cfg)
+    epochs = [
+        json.loads(x)
+        for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+        if '"epoch", "epoch"' in x or json.loads(x)["event"] == "epoch"
+    ]
+    val = [e["val_loss"]["total"] for e in epochs]
+    assert len(val) == 3 and val[-1] < val[0] * 0.8
+    assert summary["best_val"] == min(val)
+    run = tmp_path / "run"
+    assert (run / "best" / "model.safetensors").is_file() and (run / "loss.png").stat().st_size > 1000
+    best_cfg = json.loads((run / "best" / "config.json").read_text())
+    assert best_cfg["data_manifest"]["counts"]["users"] == 200  # a copy of the data manifest
+
+
+def test_resume_matches_uninterrupted_run(small_synth, tmp_path):
+    common = dict(
+        data=str(small_synth),
+        epochs=2,
+        tasks=["explanation", "sequential", "topn"],
+        seed=7,
+        warmup_steps=5,
+        schedule="linear",
+        **FAST,
+    )
+    common["val_limit"] = 16
+    full = tmp_path / "full"
+    train(TrainConfig(out=str(full), **common))
+    part = tmp_path / "part"
+    train(TrainConfig(out=str(part), max_steps=7, **common))  # stops inside the first epoch
+    progress = json.loads((part / "last" / "training_state.json").read_text())["progress"]
+    assert progress["global_step"] == 7 and progress["epoch"] == 0
+    train(TrainConfig(out=str(part), **common), resume=True)
+    a = load_file(str(full / "last" / "model.safetensors"))
+    b = load_file(str(part / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+
+
+def test_ddp_two_processes_gloo(small_synth, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "pod.cli",
+        "train",
+        "--data",
+        str(small_synth),
+        "--out",
+        str(out),
+        "--tasks",
+        "sequential",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--val-limit",
+        "32",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert (out / "best" / "model.safetensors").is_file()
+    # each of the 2 ranks takes half the 200 users -> 100 / 16 = 7 steps per epoch
+    assert json.loads((out / "last" / "training_state.json").read_text())["progress"]["global_step"] == 7
+    assert steps[-1]["event"] == "epoch"
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "raw"
+    bad.mkdir()
+    (bad / "sequential.txt").write_text("1 2 3\n2 x 4\n")
+    (bad / "datamaps.json").write_text(
+        json.dumps({"id2user": {"1": "a", "2": "b"}, "id2item": {"2": "x", "3": "y", "4": "z"}})
+    )
+    assert main(["data", "prepare", "--format", "pod", str(bad), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "sequential.txt:2" in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
+    assert main(["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["alternated", "mixed"])
+def test_batches_hold_one_task_when_alternated(small_synth, strategy):
+    import random
+
+    from pod.dataset import PreparedData
+    from training.samples import epoch_samples, make_batches
+
+    data = PreparedData.load(small_synth)
+    samples = epoch_samples(data, data.tasks, random.Random(0))
+    batches = make_batches(samples, 32, strategy, random.Random(0))
+    assert sum(len(b) for b in batches) == sum(len(v) for v in samples.values())
+    kinds = [{s.task for s in b} for b in batches]
+    if strategy == "alternated":
+        assert all(len(k) == 1 for k in kinds)
+        assert [k.pop() for k in kinds[:3]] == ["explanation", "sequential", "topn"]
+    else:
+        assert any(len(k) > 1 for k in kinds)
+
+
+def test_cli_entry_point_runs(tmp_path):
+    out = Path(tmp_path) / "s"
+    assert main(["data", "synth", "--out", str(out), "--users", "150", "--items", "120"]) == 0
+    assert (out / "manifest.json").is_file()

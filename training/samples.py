@@ -1,0 +1,152 @@
+"""Training and validation samples per task, and the batches that feed the model.
+
+A sample is `(task, input_text, target_text)`; texts carry IDs as words (`user_3 item_17 ...`).
+What an epoch holds (Algorithm 1 of the paper):
+- explanation: every training record once;
+- sequential: one random contiguous segment per user from the training part of the sequence
+  (input = segment minus its last item, at most the last 20; target = the last item);
+- top-N: one positive from the user's training items plus 99 random items the user never touched.
+Each sample draws a discrete template; validation uses the bare template only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pod import templates
+from pod.dataset import MAX_HISTORY, PreparedData
+from pod.ids import item_target
+from pod.tokenization import PAD_ID, Tokenizer
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    source: str
+    target: str
+
+
+def sequential_sample(data: PreparedData, user: int, rng: random.Random, template: int) -> Sample:
+    items = data.train_items(user)
+    if len(items) < 2:
+        history, target = items[:0], items[-1]
+    else:
+        end = rng.randint(1, len(items) - 1)  # index of the target
+        start = rng.randint(0, end - 1)
+        history, target = items[start:end][-MAX_HISTORY:], items[end]
+    return Sample("sequential", templates.fill("sequential", template, user, history), item_target(target))
+
+
+def topn_sample(
+    data: PreparedData, user: int, rng: random.Random, template: int, all_items: list[int], negatives: int
+) -> Sample:
+    touched = set(data.sequences[user])
+    positive = rng.choice(data.train_items(user))
+    chosen: set[int] = set()
+    while len(chosen) < negatives:
+        item = all_items[rng.randrange(len(all_items))]
+        if item not in touched:
+            chosen.add(item)
+    candidates = [positive, *sorted(chosen)]
+    rng.shuffle(candidates)
+    return Sample("topn", templates.fill("topn", template, user, candidates), item_target(positive))
+
+
+def explanation_sample(record: dict, template: int) -> Sample:
+    return Sample(
+        "explanation", templates.fill("explanation", template, record["user"], [record["item"]]), record["explanation"]
+    )
+
+
+def epoch_samples(data: PreparedData, tasks: list[str], rng: random.Random) -> dict[str, list[Sample]]:
+    """One epoch's training samples per task, drawn from `rng` (so an epoch is reproducible from its seed)."""
+    out: dict[str, list[Sample]] = {}
+    users = data.users
+    all_items = data.items
+    negatives = data.manifest.get("num_negatives", 99)
+    for task in tasks:
+        if task == "explanation":
+            out[task] = [explanation_sample(r, templates.draw(task, rng)) for r in data.explanations["train"]]
+        elif task == "sequential":
+            out[task] = [sequential_sample(data, u, rng, templates.draw(task, rng)) for u in users]
+        elif task == "topn":
+            out[task] = [topn_sample(data, u, rng, templates.draw(task, rng), all_items, negatives) for u in users]
+        else:
+            raise ValueError(f"unknown task {task!r}")
+        rng.shuffle(out[task])
+    return out
+
+
+def validation_samples(
+    data: PreparedData, tasks: list[str], split: str = "val", template: int = templates.BARE
+) -> dict[str, list[Sample]]:
+    """Fixed evaluation samples per task (bare template unless asked otherwise)."""
+    out: dict[str, list[Sample]] = {}
+    for task in tasks:
+        if task == "explanation":
+            out[task] = [explanation_sample(r, template) for r in data.explanations[split]]
+        elif task == "sequential":
+            out[task] = []
+            for u in data.users:
+                history, target = data.eval_example(u, split)
+                out[task].append(Sample(task, templates.fill(task, template, u, history), item_target(target)))
+        elif task == "topn":
+            out[task] = []
+            for u in data.users:
+                cands, target = data.candidates(u, split)
+                out[task].append(Sample(task, templates.fill(task, template, u, cands), item_target(target)))
+    return {k: v for k, v in out.items() if v}
+
+
+def collate(samples: list[Sample], tokenizer: Tokenizer, task_index: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Tokenize and pad a batch; labels are padded with -100 so padding is out of the loss."""
+    enc = [tokenizer.encode_input(s.source) for s in samples]
+    tgt = [tokenizer.encode_target(s.target) for s in samples]
+    n_in = max(len(ids) for ids, _ in enc)
+    n_out = max(len(t) for t in tgt)
+    input_ids = torch.full((len(samples), n_in), PAD_ID, dtype=torch.long)
+    whole_word = torch.zeros((len(samples), n_in), dtype=torch.long)
+    mask = torch.zeros((len(samples), n_in), dtype=torch.long)
+    labels = torch.full((len(samples), n_out), -100, dtype=torch.long)
+    for row, ((ids, ww), t) in enumerate(zip(enc, tgt)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        whole_word[row, : len(ww)] = torch.tensor(ww)
+        mask[row, : len(ids)] = 1
+        labels[row, : len(t)] = torch.tensor(t)
+    return {
+        "task_index": torch.tensor([task_index[s.task] for s in samples], dtype=torch.long),
+        "input_ids": input_ids,
+        "whole_word_ids": whole_word,
+        "attention_mask": mask,
+        "labels": labels,
+    }
+
+
+def make_batches(
+    samples: dict[str, list[Sample]], batch_size: int, strategy: str, rng: random.Random, rank: int = 0, world: int = 1
+) -> list[list[Sample]]:
+    """Batches for one epoch: one task per batch cycling through the tasks (`alternated`), or all tasks
+    shuffled together (`mixed`). With several processes, each rank gets its own share and every rank
+    gets the same number of batches (and, when alternated, the same task at the same step)."""
+    if strategy == "mixed":
+        pool = [s for task in samples for s in samples[task]]
+        rng.shuffle(pool)
+        shards = {"mixed": pool}
+    elif strategy == "alternated":
+        shards = samples
+    else:
+        raise ValueError(f"--strategy must be alternated or mixed, not {strategy!r}")
+    per_task: list[list[list[Sample]]] = []
+    for pool in shards.values():
+        usable = len(pool) - len(pool) % world
+        mine = pool[:usable][rank::world]
+        per_task.append([mine[i : i + batch_size] for i in range(0, len(mine), batch_size)])
+    batches: list[list[Sample]] = []
+    for step in range(max((len(b) for b in per_task), default=0)):
+        for task_batches in per_task:  # explanation -> sequential -> top-N, as in the paper
+            if step < len(task_batches):
+                batches.append(task_batches[step])
+    return batches

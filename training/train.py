@@ -1,0 +1,379 @@
+"""Task-alternated training of a POD model, top to bottom.
+
+One run directory holds everything: `best/` (the checkpoint with the lowest mean validation loss),
+`last/` (the latest state, with optimizer/scheduler/RNG and the position in the epoch, for `--resume`),
+`log.jsonl` (one JSON object per logged step and per epoch), `loss.png` and `spiece.model` when the
+vocabulary was trained here. Resuming replays the interrupted epoch's batches from its seed and skips the
+ones already done, so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pod import TASKS, templates
+from pod.dataset import PreparedData
+from pod.ids import item_token, user_token
+from pod.model import PODModel, build_model, load_checkpoint, save_checkpoint
+from pod.tokenization import Tokenizer, train_sentencepiece
+from training.samples import Sample, collate, epoch_samples, make_batches, validation_samples
+from training.state import read_state, write_state
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    preset: str = "tiny"
+    backbone: str | None = None
+    tokenizer: str | None = None  # a spiece.model; default: the backbone's, else one trained on the data
+    vocab_size: int = 800
+    strategy: str = "alternated"
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    num_prompts: int = 3
+    epochs: int = 10
+    max_minutes: float | None = None
+    max_steps: int | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | linear | cosine (after warmup)
+    clip: float = 1.0
+    dropout: float | None = None  # default: the preset's
+    patience: int = 5
+    val_limit: int | None = None  # validate on at most this many users/records per task
+    save_every: int = 0  # also write last/ every N steps (0: at epoch ends and when stopping)
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    progress: bool = True
+
+
+def log(cfg_out: Path, record: dict) -> None:
+    with open(cfg_out / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def tokenizer_for(cfg: TrainConfig, data: PreparedData, out: Path) -> Tokenizer:
+    """The backbone's or the given SentencePiece model, else a small one trained on this data."""
+    if cfg.tokenizer:
+        return Tokenizer(cfg.tokenizer)
+    if cfg.backbone:
+        return Tokenizer(Path(cfg.backbone) / "spiece.model")
+    path = out / "spiece.model"
+    if not path.exists():
+        corpus = [r["explanation"] for r in data.explanations["train"]]
+        users, items = data.users[:200], data.items[:200]
+        for task, options in templates.TEMPLATES.items():
+            for t in range(len(options)):
+                corpus += [templates.fill(task, t, u, items[k % len(items) :][:3]) for k, u in enumerate(users[:50])]
+        corpus += [f"{user_token(u)} {item_token(i)} {i}" for u, i in zip(users * 10, data.items)]
+        train_sentencepiece(corpus, path, cfg.vocab_size)
+    return Tokenizer(path)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@torch.no_grad()
+def validate(
+    model: PODModel,
+    samples: dict[str, list[Sample]],
+    tokenizer: Tokenizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """Token-weighted mean NLL per task on the validation samples, plus `total` = mean over tasks."""
+    model.eval()
+    task_index = {t: model.config.task_index(t) for t in model.config.tasks}
+    out = {}
+    for task, pool in samples.items():
+        pool = pool[rank::world]
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        for i in range(0, len(pool), cfg.eval_batch_size):
+            batch = {
+                k: v.to(device) for k, v in collate(pool[i : i + cfg.eval_batch_size], tokenizer, task_index).items()
+            }
+            with autocast(cfg, device):
+                loss = model(**batch)
+            n = (batch["labels"] != -100).sum()
+            sums += torch.stack([loss.double() * n, n.double()])
+        if world > 1:
+            dist.all_reduce(sums)
+        out[task] = (sums[0] / sums[1]).item()
+    out["total"] = sum(out.values()) / len(out)
+    model.train()
+    return out
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def plot_losses(out: Path) -> None:
+    """loss.png next to the checkpoints: training loss per task (smoothed) and validation loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps: dict[str, list[tuple[int, float]]] = {}
+    epochs: dict[str, list[tuple[int, float]]] = {}
+    for line in (out / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("event") == "step":
+            steps.setdefault(r["task"], []).append((r["step"], r["loss"]))
+        elif r.get("event") == "epoch":
+            for task, v in r["val_loss"].items():
+                epochs.setdefault(task, []).append((r["epoch"], v))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for task, pts in steps.items():
+        a.plot([p[0] for p in pts], [p[1] for p in pts], label=task)
+    a.set(title="training loss", xlabel="step", ylabel="token NLL")
+    for task, pts in epochs.items():
+        b.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=task)
+    b.set(title="validation loss", xlabel="epoch")
+    for ax in (a, b):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / ".loss.png.tmp.png")
+    plt.close(fig)
+    os.replace(out / ".loss.png.tmp.png", out / "loss.png")
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
+    """Device, rank and world size; under torchrun, joins the process group (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or resume) training; returns a summary with the best validation loss and where it is."""
+    out = Path(cfg.out)
+    device, rank, world = setup_distributed(cfg)
+    if resume:
+        saved = json.loads((out / "last" / "training_state.json").read_text())["progress"]["config"]
+        saved.update(
+            {k: v for k, v in asdict(cfg).items() if k in ("epochs", "max_minutes", "max_steps", "progress", "device")}
+        )
+        cfg = TrainConfig(**saved)
+    data = PreparedData.load(cfg.data)
+    tasks = [t for t in TASKS if t in cfg.tasks and t in data.tasks]
+    if not tasks:
+        raise ValueError(f"none of the tasks {cfg.tasks} has data in {cfg.data} (it has {data.tasks})")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    if resume:
+        model, tokenizer, _ = load_checkpoint(out / "last", device)
+    else:
+        tokenizer = tokenizer_for(cfg, data, out) if rank == 0 else None
+        if world > 1:
+            dist.barrier()
+        tokenizer = tokenizer or tokenizer_for(cfg, data, out)
+        model = build_model(tokenizer, cfg.preset, cfg.backbone, cfg.num_prompts, list(TASKS), cfg.dropout)
+    model.to(device).train()
+    task_index = {t: model.config.task_index(t) for t in model.config.tasks}
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    val = validation_samples(data, tasks)
+    if cfg.val_limit:
+        val = {t: v[: cfg.val_limit] for t, v in val.items()}
+    n_batches = len(
+        make_batches(
+            epoch_samples(data, tasks, random.Random(cfg.seed)),
+            cfg.batch_size,
+            cfg.strategy,
+            random.Random(0),
+            rank,
+            world,
+        )
+    )
+    total_steps = cfg.max_steps or n_batches * cfg.epochs
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+    progress = {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "best_val": None,
+        "bad_epochs": 0,
+        "elapsed_s": 0.0,
+        "done": False,
+    }
+    if resume:
+        progress = read_state(out / "last", optimizer, scheduler)
+        if progress.get("done"):
+            if rank == 0:
+                print(f"{out}: training already finished (best validation loss {progress['best_val']:.4f})")
+            return progress
+    extra = {"data_manifest": data.manifest, "train_config": asdict(cfg)}
+
+    def save_last(stop: bool = False) -> None:
+        if rank != 0:
+            return
+        state = {**progress, "config": asdict(cfg), "done": stop}
+        save_checkpoint(
+            model, tokenizer, out / "last", extra, write_more=lambda d: write_state(d, optimizer, scheduler, state)
+        )
+
+    start = time.monotonic() - progress["elapsed_s"]
+    stop_reason = None
+    while progress["epoch"] < cfg.epochs and stop_reason is None:
+        epoch = progress["epoch"]
+        epoch_rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the epoch's samples and order
+        batches = make_batches(
+            epoch_samples(data, tasks, epoch_rng), cfg.batch_size, cfg.strategy, epoch_rng, rank, world
+        )
+        sums: dict[str, list[float]] = {}
+        bar = tqdm(
+            total=len(batches),
+            initial=progress["step_in_epoch"],
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress or rank != 0,
+            dynamic_ncols=True,
+        )
+        t_window, n_window = time.monotonic(), 0
+        for batch_samples in batches[progress["step_in_epoch"] :]:
+            batch = {
+                k: v.to(device, non_blocking=True) for k, v in collate(batch_samples, tokenizer, task_index).items()
+            }
+            with autocast(cfg, device):
+                loss = ddp(**batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            progress["step_in_epoch"] += 1
+            progress["global_step"] += 1
+            task = batch_samples[0].task if cfg.strategy == "alternated" else "mixed"
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"loss became {value} at step {progress['global_step']} ({task}); "
+                    "lower --lr, keep --clip, or use --precision fp32"
+                )
+            sums.setdefault(task, [0.0, 0])
+            sums[task][0] += value
+            sums[task][1] += 1
+            n_window += len(batch_samples) * world
+            bar.update(1)
+            if progress["global_step"] % cfg.log_every == 0:
+                rate = n_window / max(1e-9, time.monotonic() - t_window)
+                bar.set_postfix(task=task, loss=f"{value:.3f}", samples_s=f"{rate:.0f}")
+                if rank == 0:
+                    log(
+                        out,
+                        {
+                            "event": "step",
+                            "epoch": epoch,
+                            "step": progress["global_step"],
+                            "task": task,
+                            "loss": value,
+                            "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": rate,
+                        },
+                    )
+                t_window, n_window = time.monotonic(), 0
+            progress["elapsed_s"] = time.monotonic() - start
+            if cfg.max_minutes is not None and progress["elapsed_s"] > 60 * cfg.max_minutes:
+                stop_reason = f"time box of {cfg.max_minutes} min reached"
+            elif cfg.max_steps is not None and progress["global_step"] >= cfg.max_steps:
+                stop_reason = f"--max-steps {cfg.max_steps} reached"
+            if stop_reason:
+                break
+            if cfg.save_every and progress["global_step"] % cfg.save_every == 0:
+                save_last()
+        bar.close()
+        epoch_done = progress["step_in_epoch"] >= len(batches)
+        if not epoch_done:
+            if stop_reason.startswith("time box"):  # keep what the time bought as a usable best/
+                losses = validate(model, val, tokenizer, cfg, device, rank, world)
+                if progress["best_val"] is None or losses["total"] < progress["best_val"]:
+                    progress["best_val"] = losses["total"]
+                    if rank == 0:
+                        save_checkpoint(
+                            model, tokenizer, out / "best", {**extra, "epoch": epoch + 0.5, "val_loss": losses}
+                        )
+                if rank == 0:
+                    print("validation loss at stop " + " ".join(f"{t}={v:.4f}" for t, v in losses.items()))
+            save_last()  # stopped inside an epoch: resume replays it from here
+            break
+        losses = validate(model, val, tokenizer, cfg, device, rank, world)
+        improved = progress["best_val"] is None or losses["total"] < progress["best_val"]
+        progress.update(epoch=epoch + 1, step_in_epoch=0, elapsed_s=time.monotonic() - start)
+        if improved:
+            progress["best_val"], progress["bad_epochs"] = losses["total"], 0
+            if rank == 0:
+                save_checkpoint(model, tokenizer, out / "best", {**extra, "epoch": epoch + 1, "val_loss": losses})
+        else:
+            progress["bad_epochs"] += 1
+        train_loss = {t: s / n for t, (s, n) in sums.items()}
+        if rank == 0:
+            log(
+                out,
+                {
+                    "event": "epoch",
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    "val_loss": losses,
+                    "best": improved,
+                    "elapsed_s": progress["elapsed_s"],
+                },
+            )
+            shown = " ".join(f"{t}={v:.4f}" for t, v in losses.items())
+            print(f"epoch {epoch + 1}: validation loss {shown}{'  (best)' if improved else ''}", flush=True)
+            plot_losses(out)
+        if progress["bad_epochs"] >= cfg.patience:
+            stop_reason = f"early stop: no improvement for {cfg.patience} epochs"
+        finished = progress["epoch"] >= cfg.epochs or (stop_reason and stop_reason.startswith("early"))
+        save_last(stop=bool(finished))
+    if rank == 0 and stop_reason:
+        print(stop_reason, flush=True)
+    if world > 1:
+        dist.barrier()
+    return {**progress, "stop_reason": stop_reason, "best": str(out / "best"), "tasks": tasks}
