@@ -49,6 +49,19 @@ def _train(args: argparse.Namespace) -> None:
         print(f"best validation loss {summary['best_val']:.4f}; checkpoint: {Path(args.out) / 'best'}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate, markdown, write_report
+
+    report = evaluate(args.checkpoint, args.data, task=args.task, split=args.split, beams=args.beams,
+                      batch_size=args.batch_size, limit=args.limit, inference_prompt=args.inference_prompt,
+                      device=args.device, progress=not args.no_progress,
+                      diversity_penalty=args.diversity_penalty)
+    print(markdown(report))
+    if args.out:
+        write_report(report, args.out)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pod", description="POD: prompt-distilled LLM recommendation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="HR/NDCG, BLEU/ROUGE with constrained beam search, beside baselines")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint directory or a training run directory")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--task", default="all", choices=["sequential", "topn", "explanation", "all"])
+    ev.add_argument("--split", default="test", choices=["val", "test"])
+    ev.add_argument("--beams", type=int, default=20)
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--limit", type=int, help="evaluate the first N users (and N explanation records) only")
+    ev.add_argument("--inference-prompt", default="continuous", choices=["continuous", "continuous+discrete"])
+    ev.add_argument("--diversity-penalty", type=float, default=0.0,
+                    help="group beam search diversity for explanations (reference code: 0)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--out", help="write JSON here and Markdown next to it")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 

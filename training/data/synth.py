@@ -2,8 +2,9 @@
 
 - Items live in clusters of consecutive ids (a "department"); each item has one feature word drawn from
   its department's features.
-- Each department has a fixed cyclic "next item" order (a random permutation). A user starts in one
-  department and moves along it: with probability `p_follow` the next purchase is the current item's
+- Users are numbered in blocks, one block per home department (so a user ID alone says something about
+  taste, which the top-N task needs), and each department has a fixed cyclic "next item" order (a random
+  permutation). A user starts in the home department and moves along it: with probability `p_follow` the next purchase is the current item's
   successor, otherwise a popular item of the same department, and with probability `p_jump` the user
   moves to another department. Item popularity within a department is Zipf-like, so a popularity
   baseline is meaningful but far from the best achievable.
@@ -115,7 +116,7 @@ def synthesize(
     for u in range(1, users + 1):
         taste = rng.choice(ADJECTIVES)
         frame = rng.randrange(len(FRAMES))
-        cluster = rng.randrange(len(clusters))
+        cluster = (u - 1) * len(clusters) // users  # users come in blocks per home department
         length = rng.randint(min_len, max_len)
         item = rng.choices(clusters[cluster], weights[cluster])[0]
         seq = [item]

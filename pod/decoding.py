@@ -1,0 +1,225 @@
+"""Batched (group) beam search over an abstract decoder step, with prefix-trie constraints.
+
+Written once, in NumPy, so evaluation, the PyTorch runtime and the ONNX runtime share it (and the ONNX
+serving path imports no torch). A runtime supplies a `DecoderSession`: given the last token of every beam
+and, from the second step on, the row each beam came from (to reorder its KV cache), it returns next-token
+logits for all `batch x beams` rows. The encoder runs once per request, before the first step.
+
+Semantics follow Hugging Face's beam search (transformers 5.x `_beam_search`): 2 x beams candidates per
+step, an EOS candidate is kept only when it ranks within the first `beams`, finished hypotheses are scored
+`sum log p / generated_length ** length_penalty`, and the search stops when no running beam can beat the
+worst finished one. With `num_groups > 1` it is group (diverse) beam search: groups decode in turn and a
+token chosen by an earlier group at the same step costs `diversity_penalty` per use (Hamming diversity);
+each group keeps its own `beams / groups` hypotheses, as in the classic implementation that transformers
+5.x no longer ships.
+
+Constraints: a `Trie` of token sequences (each ending with EOS) restricts every beam to prefixes of
+allowed sequences; masking happens after the log-softmax, so a finished item's score is its exact model
+log-probability. Per-row exclusions remove whole sequences from a shared trie without rebuilding it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+NEG_INF = -np.inf
+_INIT = -1.0e9  # score of the not-yet-used beams before the first step (as Hugging Face)
+
+
+class DecoderSession(Protocol):
+    def step(self, tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+        """Logits `(rows, vocab)` for `tokens` (rows,), after reordering state by `parents` (rows,)."""
+        ...
+
+
+class Trie:
+    """A prefix tree of token sequences; the node reached after a sequence's last token holds its value."""
+
+    def __init__(self, sequences: Iterable[tuple[Sequence[int], Hashable]] = ()) -> None:
+        self.children: list[dict[int, int]] = [{}]
+        self.leaves: list[int] = [0]  # number of complete sequences under each node
+        self.value: dict[int, Hashable] = {}
+        self.paths: dict[Hashable, list[int]] = {}  # value -> nodes on its path (root excluded)
+        for seq, value in sequences:
+            self.add(seq, value)
+
+    def add(self, sequence: Sequence[int], value: Hashable) -> None:
+        if value in self.paths:
+            return
+        node, path = 0, []
+        for tok in sequence:
+            nxt = self.children[node].get(tok)
+            if nxt is None:
+                nxt = len(self.children)
+                self.children[node][tok] = nxt
+                self.children.append({})
+                self.leaves.append(0)
+            node = nxt
+            path.append(node)
+        self.value[node] = value
+        self.paths[value] = path
+        self.leaves[0] += 1
+        for n in path:
+            self.leaves[n] += 1
+
+    def __len__(self) -> int:
+        return self.leaves[0]
+
+    def restrict(self, excluded: Iterable[Hashable] = ()) -> Constraint:
+        """A per-row view of the trie without the `excluded` values (unknown values are ignored)."""
+        removed: dict[int, int] = {}
+        for value in excluded:
+            for n in self.paths.get(value, ()):
+                removed[n] = removed.get(n, 0) + 1
+        blocked = {n for n, k in removed.items() if k >= self.leaves[n]}
+        return Constraint(self, blocked, len(self) - len({v for v in excluded if v in self.paths}))
+
+
+@dataclass
+class Constraint:
+    trie: Trie
+    blocked: set[int]
+    size: int  # how many sequences remain allowed
+
+    def allowed(self, node: int) -> list[tuple[int, int]]:
+        return [(tok, child) for tok, child in self.trie.children[node].items() if child not in self.blocked]
+
+
+@dataclass(order=True)
+class Hypothesis:
+    score: float
+    tokens: tuple[int, ...] = field(compare=False)
+    logprob: float = field(compare=False)
+    value: Hashable | None = field(compare=False, default=None)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    m = x.max(axis=-1, keepdims=True)
+    z = x - m
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def beam_search(
+    session: DecoderSession,
+    batch_size: int,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_id: int,
+    start_id: int = 0,
+    constraints: Sequence[Constraint | None] | None = None,
+    num_groups: int = 1,
+    diversity_penalty: float = 0.0,
+    length_penalty: float = 1.0,
+    min_new_tokens: int = 0,
+    num_return: int | None = None,
+) -> list[list[Hypothesis]]:
+    """Best hypotheses per batch row, best first (at most `num_return`, default `num_beams`)."""
+    if num_beams % num_groups:
+        raise ValueError(f"num_beams ({num_beams}) must be a multiple of num_groups ({num_groups})")
+    gs = num_beams // num_groups
+    rows = batch_size * num_beams
+    num_return = num_return or num_beams
+    scores = np.full((batch_size, num_beams), _INIT, dtype=np.float32)
+    scores[:, ::gs] = 0.0  # the first beam of each group starts live
+    seqs: list[tuple[int, ...]] = [()] * rows
+    nodes = np.zeros(rows, dtype=np.int64)  # trie node per beam (0 = root)
+    tokens = np.full(rows, start_id, dtype=np.int64)
+    parents: np.ndarray | None = None
+    finished: list[list[list[Hypothesis]]] = [[[] for _ in range(num_groups)] for _ in range(batch_size)]
+    open_rows = np.ones((batch_size, num_groups), dtype=bool)  # improvement still possible
+    cons = list(constraints) if constraints is not None else [None] * batch_size
+
+    for step in range(max_new_tokens):
+        logp = log_softmax(session.step(tokens, parents))
+        vocab = logp.shape[1]
+        if step < min_new_tokens:
+            logp[:, eos_id] = NEG_INF
+        for b, con in enumerate(cons):
+            if con is None:
+                continue
+            for r in range(b * num_beams, (b + 1) * num_beams):
+                allowed = con.allowed(int(nodes[r])) if nodes[r] >= 0 else []
+                keep = logp[r, [t for t, _ in allowed]] if allowed else None
+                logp[r] = NEG_INF
+                if allowed:
+                    logp[r, [t for t, _ in allowed]] = keep
+        last = step + 1 == max_new_tokens
+        new_tokens = np.zeros(rows, dtype=np.int64)
+        new_parents = np.zeros(rows, dtype=np.int64)
+        new_scores = np.full((batch_size, num_beams), NEG_INF, dtype=np.float32)
+        new_seqs: list[tuple[int, ...]] = [()] * rows
+        new_nodes = np.full(rows, -1, dtype=np.int64)
+        any_continues = False
+        for b in range(batch_size):
+            chosen_this_step: list[int] = []
+            for g in range(num_groups):
+                lo = b * num_beams + g * gs
+                group_logp = logp[lo:lo + gs]
+                if diversity_penalty and chosen_this_step:
+                    counts = np.bincount(chosen_this_step, minlength=vocab).astype(np.float32)
+                    group_logp = group_logp - diversity_penalty * counts[None, :]
+                acc = (group_logp + scores[b, g * gs:(g + 1) * gs, None]).reshape(-1)
+                k = min(2 * gs, acc.size)
+                top = np.argpartition(-acc, k - 1)[:k]
+                top = top[np.argsort(-acc[top], kind="stable")]
+                hyps = finished[b][g]
+                n_live = 0
+                for rank, idx in enumerate(top):
+                    score = float(acc[idx])
+                    if score == NEG_INF:
+                        break
+                    beam, tok = divmod(int(idx), vocab)
+                    src = lo + beam
+                    if tok == eos_id or last:
+                        if rank >= gs or not open_rows[b, g]:
+                            continue
+                        seq = seqs[src] + (tok,)
+                        node = _advance(cons[b], int(nodes[src]), tok)
+                        value = cons[b].trie.value.get(node) if cons[b] is not None and node >= 0 else None
+                        if cons[b] is not None and tok != eos_id:
+                            continue  # an unfinished item is no item
+                        norm = score / (len(seq) ** length_penalty)
+                        if len(hyps) < gs or norm > hyps[0].score:
+                            hyps.append(Hypothesis(norm, seq, score, value))
+                            hyps.sort()
+                            if len(hyps) > gs:
+                                hyps.pop(0)
+                        continue
+                    any_continues = True
+                    if n_live < gs:
+                        dst = lo + n_live
+                        new_tokens[dst], new_parents[dst] = tok, src
+                        new_scores[b, g * gs + n_live] = score
+                        new_seqs[dst] = seqs[src] + (tok,)
+                        new_nodes[dst] = _advance(cons[b], int(nodes[src]), tok)
+                        chosen_this_step.append(tok)
+                        n_live += 1
+                for dead in range(n_live, gs):  # fewer live continuations than beams (constraints)
+                    new_parents[lo + dead] = lo
+                # can a running beam still beat the worst finished one? (HF's default heuristic)
+                best = new_scores[b, g * gs]
+                if len(hyps) >= gs and (best == NEG_INF or best / ((step + 1) ** length_penalty) <= hyps[0].score):
+                    open_rows[b, g] = False
+                elif best == NEG_INF:
+                    open_rows[b, g] = False
+        tokens, parents, scores, seqs, nodes = new_tokens, new_parents, new_scores, new_seqs, new_nodes
+        if not any_continues or not open_rows.any():
+            break
+
+    out = []
+    for b in range(batch_size):
+        hyps = [h for group in finished[b] for h in group]
+        hyps.sort(reverse=True)
+        out.append(hyps[:num_return])
+    return out
+
+
+def _advance(con: Constraint | None, node: int, tok: int) -> int:
+    if con is None or node < 0:
+        return 0
+    return con.trie.children[node].get(tok, -1)
