@@ -171,7 +171,7 @@ def beam_search(
                 n_live = 0
                 for rank, idx in enumerate(top):
                     score = float(acc[idx])
-                    if score == NEG_INF:
+                    if score <= _INIT / 2:  # masked, or from a beam that was never live
                         break
                     beam, tok = divmod(int(idx), vocab)
                     src = lo + beam
