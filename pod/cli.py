@@ -52,10 +52,19 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate, markdown, write_report
 
-    report = evaluate(args.checkpoint, args.data, task=args.task, split=args.split, beams=args.beams,
-                      batch_size=args.batch_size, limit=args.limit, inference_prompt=args.inference_prompt,
-                      device=args.device, progress=not args.no_progress,
-                      diversity_penalty=args.diversity_penalty)
+    report = evaluate(
+        args.checkpoint,
+        args.data,
+        task=args.task,
+        split=args.split,
+        beams=args.beams,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        inference_prompt=args.inference_prompt,
+        device=args.device,
+        progress=not args.no_progress,
+        diversity_penalty=args.diversity_penalty,
+    )
     print(markdown(report))
     if args.out:
         write_report(report, args.out)
@@ -139,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--limit", type=int, help="evaluate the first N users (and N explanation records) only")
     ev.add_argument("--inference-prompt", default="continuous", choices=["continuous", "continuous+discrete"])
-    ev.add_argument("--diversity-penalty", type=float, default=0.0,
-                    help="group beam search diversity for explanations (reference code: 0)")
+    ev.add_argument(
+        "--diversity-penalty",
+        type=float,
+        default=0.0,
+        help="group beam search diversity for explanations (reference code: 0)",
+    )
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--out", help="write JSON here and Markdown next to it")
     ev.add_argument("--no-progress", action="store_true")

@@ -159,11 +159,11 @@ def beam_search(
             chosen_this_step: list[int] = []
             for g in range(num_groups):
                 lo = b * num_beams + g * gs
-                group_logp = logp[lo:lo + gs]
+                group_logp = logp[lo : lo + gs]
                 if diversity_penalty and chosen_this_step:
                     counts = np.bincount(chosen_this_step, minlength=vocab).astype(np.float32)
                     group_logp = group_logp - diversity_penalty * counts[None, :]
-                acc = (group_logp + scores[b, g * gs:(g + 1) * gs, None]).reshape(-1)
+                acc = (group_logp + scores[b, g * gs : (g + 1) * gs, None]).reshape(-1)
                 k = min(2 * gs, acc.size)
                 top = np.argpartition(-acc, k - 1)[:k]
                 top = top[np.argsort(-acc[top], kind="stable")]

@@ -40,8 +40,9 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
     import sacrebleu
     from rouge_score import rouge_scorer
 
-    bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize="none", smooth_method="none",
-                                 force=True)
+    bleu = sacrebleu.corpus_bleu(
+        list(predictions), [list(references)], tokenize="none", smooth_method="none", force=True
+    )
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for pred, ref in zip(predictions, references):

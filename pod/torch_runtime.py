@@ -17,8 +17,8 @@ from pod.model import PODModel
 from pod.tokenization import PAD_ID, Tokenizer
 
 # transformers 5.2x renamed the decoder's `past_key_values` argument to `cache`; accept both releases
-_CACHE_ARG = "cache" if "cache" in inspect.signature(T5ForConditionalGeneration.forward).parameters else (
-    "past_key_values"
+_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(T5ForConditionalGeneration.forward).parameters else ("past_key_values")
 )
 
 
@@ -59,8 +59,9 @@ class TorchSession:
 
 
 class TorchRuntime:
-    def __init__(self, model: PODModel, tokenizer: Tokenizer, device: str | torch.device = "cpu",
-                 bf16: bool = False) -> None:
+    def __init__(
+        self, model: PODModel, tokenizer: Tokenizer, device: str | torch.device = "cpu", bf16: bool = False
+    ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)

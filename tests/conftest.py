@@ -31,3 +31,36 @@ def small_synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synth-small"
     write_synthetic(out, users=200, items=120, seed=3)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_synth(tmp_path_factory) -> Path:
+    """The embedded default shop, exactly as `make demo` writes it."""
+    from training.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    write_synthetic(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_sequential(default_synth, tmp_path_factory) -> Path:
+    """A tiny model trained on the default shop's sequential task for about a minute on 2 cores."""
+    from training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "seq"
+    train(
+        TrainConfig(
+            data=str(default_synth),
+            out=str(out),
+            tasks=["sequential"],
+            batch_size=16,
+            lr=1e-3,
+            epochs=100,
+            max_steps=700,
+            val_limit=200,
+            progress=False,
+            seed=0,
+        )
+    )
+    return out

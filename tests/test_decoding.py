@@ -31,16 +31,31 @@ class HFStep:
     def step(self, tokens, parents):
         if parents is not None:
             self.cache.reorder_cache(torch.as_tensor(parents))
-        out = self.model(encoder_outputs=(self.hidden,), decoder_input_ids=torch.as_tensor(tokens)[:, None],
-                         use_cache=True, **{_CACHE_ARG: self.cache})
+        out = self.model(
+            encoder_outputs=(self.hidden,),
+            decoder_input_ids=torch.as_tensor(tokens)[:, None],
+            use_cache=True,
+            **{_CACHE_ARG: self.cache},
+        )
         return out.logits[:, -1].numpy()
 
 
 @pytest.fixture(scope="module")
 def tiny_t5():
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16,
-                   decoder_start_token_id=0, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
+    cfg = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        d_kv=16,
+        decoder_start_token_id=0,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = T5ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # make EOS likely so hypotheses finish at different lengths
         ids = torch.randint(2, 64, (8, 9))
@@ -57,9 +72,16 @@ def tiny_t5():
 def test_unconstrained_matches_hugging_face_generate(tiny_t5, beams, length_penalty):
     torch.manual_seed(1)
     ids = torch.randint(2, 64, (3, 9))
-    hf = tiny_t5.generate(input_ids=ids, num_beams=beams, num_return_sequences=beams, max_new_tokens=7,
-                          length_penalty=length_penalty, output_scores=True, return_dict_in_generate=True,
-                          do_sample=False)
+    hf = tiny_t5.generate(
+        input_ids=ids,
+        num_beams=beams,
+        num_return_sequences=beams,
+        max_new_tokens=7,
+        length_penalty=length_penalty,
+        output_scores=True,
+        return_dict_in_generate=True,
+        do_sample=False,
+    )
     ours = beam_search(HFStep(tiny_t5, ids, beams), 3, beams, 7, eos_id=EOS, length_penalty=length_penalty)
     finished_early = 0
     for b in range(3):
@@ -132,8 +154,9 @@ def test_group_search_without_penalty_repeats_the_plain_search():
 
 def test_diversity_penalty_spreads_the_groups():
     def first_tokens(penalty):
-        hyps = beam_search(HashStep(12, 12, 5), 1, 12, 5, eos_id=EOS, num_groups=3, diversity_penalty=penalty,
-                           min_new_tokens=2)[0]
+        hyps = beam_search(
+            HashStep(12, 12, 5), 1, 12, 5, eos_id=EOS, num_groups=3, diversity_penalty=penalty, min_new_tokens=2
+        )[0]
         return {h.tokens[0] for h in hyps}
 
     assert len(first_tokens(5.0)) > len(first_tokens(0.0))

@@ -81,7 +81,7 @@ def test_manifest_records_counts_seed_and_source_hashes(tmp_path):
         "user,item,timestamp\n" + "".join(f"u{u},i{(u * 7 + k) % 150},{k}\n" for u in range(20) for k in range(5))
     )
     raw = read_csv(csv)
-    manifest = prepare(raw, tmp_path / "p", source_format="csv", item_index="random", seed=9)
+    manifest = prepare(raw, tmp_path / "p", source_format="csv", item_index="random", seed=9, num_negatives=20)
     on_disk = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert on_disk == manifest
     assert manifest["format"] == "pod-prepared" and manifest["version"] == 1

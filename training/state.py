@@ -64,7 +64,7 @@ def read_state(directory: Path, optimizer, scheduler) -> dict:
     tensors = load_file(str(directory / STATE_TENSORS))
     meta = json.loads((directory / STATE_JSON).read_text())
     optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
-    scheduler.load_state_dict(meta["scheduler"])
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():

@@ -229,7 +229,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             world,
         )
     )
-    total_steps = cfg.max_steps or n_batches * cfg.epochs
+    total_steps = n_batches * cfg.epochs  # the schedule horizon; --max-steps/--max-minutes only stop early
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))

@@ -4,10 +4,10 @@
   its department's features.
 - Users are numbered in blocks, one block per home department (so a user ID alone says something about
   taste, which the top-N task needs), and each department has a fixed cyclic "next item" order (a random
-  permutation). A user starts in the home department and moves along it: with probability `p_follow` the next purchase is the current item's
-  successor, otherwise a popular item of the same department, and with probability `p_jump` the user
-  moves to another department. Item popularity within a department is Zipf-like, so a popularity
-  baseline is meaningful but far from the best achievable.
+  permutation). A user starts in the home department and moves along it: with probability `p_follow`
+  the next purchase is the current item's successor, otherwise a popular item of the same department,
+  and with probability `p_jump` the user moves to another department. Item popularity within a
+  department is Zipf-like, so a popularity baseline is meaningful but far from the best achievable.
 - About a third of the purchases come with an explanation sentence that names the item's feature and
   an adjective tied to the user's taste, so the sentence is predictable from (user, item).
 
