@@ -19,7 +19,8 @@ setup: $(BIN)/pod
 
 demo: setup
 	$(BIN)/pod data synth --out $(DATA)
-	$(BIN)/pod train --data $(DATA) --out $(RUN) --preset tiny --epochs 30 --max-minutes 4 --lr 1e-3
+	$(BIN)/pod train --data $(DATA) --out $(RUN) --preset tiny --epochs 30 --max-minutes 5 --batch-size 16 --lr 1e-3
+	$(BIN)/pod evaluate --checkpoint $(RUN) --data $(DATA) --limit 200 --out $(RUN)/eval.json
 
 test: setup
 	$(BIN)/python -m pytest -q

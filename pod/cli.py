@@ -71,6 +71,21 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from export.export import export_bundle
+
+    export_bundle(
+        args.checkpoint,
+        args.out,
+        data=args.data,
+        quantize=args.quantize,
+        dtype=args.dtype,
+        opset=args.opset,
+        force=args.force,
+        min_overlap=args.min_overlap,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pod", description="POD: prompt-distilled LLM recommendation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write JSON here and Markdown next to it")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_evaluate)
+
+    ex = sub.add_parser("export", help="freeze a checkpoint into an ONNX bundle, with parity checks")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--data", help="prepared data the model was trained on (default: from the checkpoint)")
+    ex.add_argument("--quantize", default="none", choices=["none", "int8"])
+    ex.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument(
+        "--min-overlap",
+        type=float,
+        default=0.9,
+        help="int8/fp16: least top-10 overlap with fp32 before the export refuses (0.9)",
+    )
+    ex.add_argument("--force", action="store_true", help="write the bundle even under --min-overlap")
+    ex.set_defaults(func=_export)
     return parser
 
 

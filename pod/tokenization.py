@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from pod.ids import ID_PATTERN
@@ -51,6 +52,17 @@ class Tokenizer:
 
     def pieces(self, text: str) -> list[str]:
         return self.sp.encode(text, out_type=str)
+
+    def encode_batch(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Padded encoder inputs for a batch: `input_ids`, `whole_word_ids`, `attention_mask` (int64)."""
+        enc = [self.encode_input(t) for t in texts]
+        n = max(len(ids) for ids, _ in enc)
+        out = {k: np.zeros((len(texts), n), dtype=np.int64) for k in ("input_ids", "whole_word_ids", "attention_mask")}
+        for row, (ids, ww) in enumerate(enc):
+            out["input_ids"][row, : len(ids)] = ids
+            out["whole_word_ids"][row, : len(ww)] = ww
+            out["attention_mask"][row, : len(ids)] = 1
+        return out
 
 
 def whole_word_ids(pieces: list[str], size: int = 512) -> list[int]:

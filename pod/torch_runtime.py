@@ -14,7 +14,7 @@ from transformers import T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from pod.model import PODModel
-from pod.tokenization import PAD_ID, Tokenizer
+from pod.tokenization import Tokenizer
 
 # transformers 5.2x renamed the decoder's `past_key_values` argument to `cache`; accept both releases
 _CACHE_ARG = (
@@ -23,17 +23,8 @@ _CACHE_ARG = (
 
 
 def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Pad encoder inputs (ids, whole-word ids, mask) for a batch of input texts."""
-    enc = [tokenizer.encode_input(t) for t in texts]
-    n = max(len(ids) for ids, _ in enc)
-    ids = torch.full((len(texts), n), PAD_ID, dtype=torch.long)
-    ww = torch.zeros((len(texts), n), dtype=torch.long)
-    mask = torch.zeros((len(texts), n), dtype=torch.long)
-    for row, (i, w) in enumerate(enc):
-        ids[row, : len(i)] = torch.tensor(i)
-        ww[row, : len(w)] = torch.tensor(w)
-        mask[row, : len(i)] = 1
-    return {"input_ids": ids, "whole_word_ids": ww, "attention_mask": mask}
+    """Padded encoder inputs (ids, whole-word ids, mask) as tensors."""
+    return {k: torch.from_numpy(v) for k, v in tokenizer.encode_batch(texts).items()}
 
 
 class TorchSession:

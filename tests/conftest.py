@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-T5_SPIECE = SHARED / "tokenizers" / "t5" / "spiece.model"
+
+
+def _find_shared() -> Path:
+    """`$POD_SHARED_DIR`, else the nearest `shared/` beside the checkout or one of its parents."""
+    if os.environ.get("POD_SHARED_DIR"):
+        return Path(os.environ["POD_SHARED_DIR"])
+    for parent in ROOT.parents:
+        if (parent / "shared" / "REFERENCE.md").is_file():
+            return parent / "shared"
+    return ROOT.parent / "shared"
+
+
+SHARED = _find_shared()
 
 
 def shared_path(*parts: str) -> Path:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import SHARED as SHARED_ROOT
 from training.data.raw import DataFormatError, RawData
 from training.data.readers import (
     read_amazon_reviews,
@@ -22,7 +23,7 @@ from training.data.readers import (
     words,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = SHARED_ROOT / "data"
 REVIEWS = SHARED / "amazon_musical_instruments" / "reviews_Musical_Instruments_5.json.gz"
 
 
