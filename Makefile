@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/pod data synth --out $(DATA)
 	$(BIN)/pod train --data $(DATA) --out $(RUN) --preset tiny --epochs 30 --max-minutes 5 --batch-size 16 --lr 1e-3
 	$(BIN)/pod evaluate --checkpoint $(RUN) --data $(DATA) --limit 200 --out $(RUN)/eval.json
+	$(BIN)/pod export --checkpoint $(RUN) --out $(RUN)/bundle
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -76,3 +76,13 @@ def trained_sequential(default_synth, tmp_path_factory) -> Path:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(trained_sequential, default_synth, tmp_path_factory) -> Path:
+    """The trained tiny model exported to an fp32 ONNX bundle (parity checked by the export itself)."""
+    from export.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    export_bundle(trained_sequential, out, data=default_synth, log=lambda *_: None)
+    return out

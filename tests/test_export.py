@@ -1,0 +1,143 @@
+"""ONNX export: parity with PyTorch, bundle verification, int8 refusal, and a torch-free serving path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from export.export import ParityError, export_bundle, top_lists
+from pod.bundle import Bundle, BundleError
+from pod.dataset import PreparedData
+from pod.model import load_checkpoint
+from pod.onnx_runtime import OnnxRuntime
+from pod.torch_runtime import TorchRuntime
+from tests.conftest import ROOT
+
+
+def test_bundle_manifest_and_parity_report(exported_bundle):
+    manifest = json.loads((exported_bundle / "bundle.json").read_text())
+    assert manifest["format"] == "pod-bundle" and manifest["dtype"] == "fp32" and manifest["quantization"] == "none"
+    assert set(manifest["files"]) == {
+        "encoder_explanation.onnx",
+        "encoder_sequential.onnx",
+        "encoder_topn.onnx",
+        "decoder_step.onnx",
+        "spiece.model",
+        "catalog.json",
+        "histories.txt",
+    }
+    assert (
+        manifest["num_prompts"] == 3 and manifest["opset"] == 17 and len(manifest["source_checkpoint"]["sha256"]) == 64
+    )
+    parity = manifest["parity"]
+    assert parity["max_abs_logit_diff_fp32"] <= 1e-4
+    assert parity["sequential_identical_top20_fp32"] == 1.0 and parity["topn_identical_top20_fp32"] == 1.0
+
+
+def test_onnx_beam_search_ranks_like_pytorch(exported_bundle, trained_sequential, default_synth):
+    data = PreparedData.load(default_synth)
+    bundle = Bundle.load(exported_bundle)
+    onnx_rt = OnnxRuntime(bundle)
+    model, tok, _ = load_checkpoint(trained_sequential)
+    torch_rt = TorchRuntime(model, tok)
+    users = data.users[-12:]  # users the export's own check did not necessarily sample
+    trie = bundle.item_trie()
+    for task in ("sequential", "topn"):
+        assert top_lists(onnx_rt, data, users, task, trie, tok, 20) == top_lists(
+            torch_rt, data, users, task, trie, tok, 20
+        )
+
+
+@pytest.mark.parametrize("batch,length", [(1, 3), (4, 11), (7, 25)])
+def test_encoder_and_step_logits_match_at_several_shapes(exported_bundle, trained_sequential, batch, length):
+    model, tok, _ = load_checkpoint(trained_sequential)
+    rt = OnnxRuntime(Bundle.load(exported_bundle))
+    rng = np.random.default_rng(batch * 100 + length)
+    texts = [
+        f"user_{rng.integers(1, 999)} " + " ".join(f"item_{i}" for i in rng.integers(1, 300, length))
+        for _ in range(batch)
+    ]
+    dec = torch.from_numpy(np.concatenate([np.zeros((batch, 1)), rng.integers(3, 700, (batch, 4))], 1).astype(np.int64))
+    enc = {k: torch.from_numpy(v) for k, v in tok.encode_batch(texts).items()}
+    with torch.no_grad():
+        ref = model.logits(torch.full((batch,), model.config.task_index("topn")), **enc, decoder_input_ids=dec).numpy()
+    session = rt.start("topn", texts, 1)
+    for t in range(dec.shape[1]):
+        got = session.step(dec[:, t].numpy(), None if t == 0 else np.arange(batch))
+        assert np.abs(got - ref[:, t]).max() <= 1e-4
+
+
+def _copy(bundle, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_missing_truncated_or_tampered_files_stop_loading(exported_bundle, tmp_path):
+    b = _copy(exported_bundle, tmp_path)
+    (b / "decoder_step.onnx").unlink()
+    with pytest.raises(BundleError, match="decoder_step.onnx: missing"):
+        Bundle.load(b)
+    b = _copy(exported_bundle, tmp_path / "2")
+    data = (b / "encoder_topn.onnx").read_bytes()
+    (b / "encoder_topn.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="encoder_topn.onnx: .*truncated"):
+        Bundle.load(b)
+    b = _copy(exported_bundle, tmp_path / "3")
+    cat = (b / "catalog.json").read_bytes()
+    (b / "catalog.json").write_bytes(cat.replace(b'"1"', b'"9"', 1))
+    with pytest.raises(BundleError, match="catalog.json: SHA-256"):
+        Bundle.load(b)
+    with pytest.raises(BundleError, match="bundle.json: missing"):
+        Bundle.load(tmp_path / "nothing")
+
+
+def test_int8_reports_overlap_and_refuses_under_threshold(trained_sequential, default_synth, exported_bundle, tmp_path):
+    out = tmp_path / "int8"
+    with pytest.raises(ParityError, match="overlap"):
+        export_bundle(
+            trained_sequential,
+            out,
+            data=default_synth,
+            quantize="int8",
+            min_overlap=1.01,
+            parity_users=6,
+            log=lambda *_: None,
+        )
+    assert not out.exists()  # nothing half-written
+    report = export_bundle(
+        trained_sequential,
+        out,
+        data=default_synth,
+        quantize="int8",
+        min_overlap=1.01,
+        force=True,
+        parity_users=6,
+        log=lambda *_: None,
+    )
+    assert 0.5 <= report["sequential_top10_overlap_vs_fp32"] <= 1.0
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["quantization"] == "int8"
+    for name in ("decoder_step.onnx", "encoder_sequential.onnx"):  # int8 weights: well under half the fp32 size
+        assert (out / name).stat().st_size < 0.5 * (exported_bundle / name).stat().st_size
+
+
+def test_onnx_serving_path_imports_no_torch(exported_bundle):
+    code = (
+        "import sys, numpy as np\n"
+        "from pod.bundle import Bundle\nfrom pod.onnx_runtime import OnnxRuntime\n"
+        "from pod.decoding import beam_search\n"
+        f"b = Bundle.load({str(exported_bundle)!r})\nrt = OnnxRuntime(b)\n"
+        "s = rt.start('sequential', ['user_3 item_5 item_6'], 4)\n"
+        "h = beam_search(s, 1, 4, 8, 1, constraints=[b.item_trie().restrict([5, 6])], length_penalty=0.0)\n"
+        "assert len(h[0]) == 4 and all(x.value not in (5, 6) for x in h[0])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
