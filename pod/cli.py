@@ -86,6 +86,20 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.app import create_app, setup_logging
+    from service.settings import ServeSettings
+
+    overrides = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    settings = ServeSettings(**overrides)
+    setup_logging(settings.log_level)
+    print("pod serve settings: " + json.dumps(settings.model_dump()), flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pod", description="POD: prompt-distilled LLM recommendation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--force", action="store_true", help="write the bundle even under --min-overlap")
     ex.set_defaults(func=_export)
+
+    sv = sub.add_parser("serve", help="serve a bundle (ONNX Runtime) or a checkpoint (PyTorch) over HTTP")
+    sv.add_argument("--bundle", help="bundle directory from `pod export` (env POD_BUNDLE)")
+    sv.add_argument("--runtime", choices=["onnx", "torch"])
+    sv.add_argument("--checkpoint", help="checkpoint for --runtime torch")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.add_argument("--max-batch-size", type=int, dest="max_batch_size")
+    sv.add_argument("--max-wait-ms", type=float, dest="max_wait_ms")
+    sv.add_argument("--max-queue", type=int, dest="max_queue")
+    sv.add_argument("--request-timeout-s", type=float, dest="request_timeout_s")
+    sv.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    sv.add_argument("--provider", help="ONNX Runtime provider: auto, cpu, cuda")
+    sv.add_argument("--device", help="PyTorch device: auto, cpu, cuda")
+    sv.add_argument("--log-level", dest="log_level")
+    sv.set_defaults(func=_serve)
     return parser
 
 

@@ -1,0 +1,33 @@
+"""Server configuration: CLI flags and `POD_*` environment variables (flags win), printed at start."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POD_", extra="ignore")
+
+    bundle: str | None = Field(None, description="export bundle directory (ONNX runtime)")
+    runtime: Literal["onnx", "torch"] = "onnx"
+    checkpoint: str | None = Field(None, description="checkpoint directory (PyTorch runtime)")
+    provider: str = Field("auto", description="ONNX Runtime provider: auto, cpu or cuda")
+    device: str = Field("auto", description="PyTorch device: auto, cpu or cuda")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(256, ge=1, description="per task; a full queue answers 429")
+    request_timeout_s: float = Field(10.0, gt=0, description="per-request deadline; past it, 504")
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_history: int = Field(1000, ge=1, description="longest history accepted (the model reads the last 20)")
+    beams: int = Field(20, ge=1, le=100)
+    explanation_beams: int = Field(21, ge=1)
+    explanation_groups: int = Field(3, ge=1)
+    diversity_penalty: float = 0.0
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
+    warmup: bool = True
+    log_level: str = "info"
