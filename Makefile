@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
+PORT ?= 8000
 DATA ?= data/synthetic
 
 .PHONY: setup demo test test-slow lint format clean
@@ -22,6 +23,14 @@ demo: setup
 	$(BIN)/pod train --data $(DATA) --out $(RUN) --preset tiny --epochs 30 --max-minutes 5 --batch-size 16 --lr 1e-3
 	$(BIN)/pod evaluate --checkpoint $(RUN) --data $(DATA) --limit 200 --out $(RUN)/eval.json
 	$(BIN)/pod export --checkpoint $(RUN) --out $(RUN)/bundle
+	@echo ""
+	@echo "Serving $(RUN)/bundle on http://127.0.0.1:$(PORT) (Ctrl-C stops it). Try, from another shell:"
+	@echo "  curl -s -X POST localhost:$(PORT)/recommend/sequential -H 'content-type: application/json' -d '{\"user_id\": 5, \"k\": 5}'"
+	@echo "  curl -s -X POST localhost:$(PORT)/recommend/topn -H 'content-type: application/json' -d '{\"user_id\": \"U00005\", \"candidates\": [\"P00001\", \"P00002\", \"P00003\"], \"k\": 2}'"
+	@echo "  curl -s -X POST localhost:$(PORT)/explain -H 'content-type: application/json' -d '{\"user_id\": 5, \"item_id\": 3}'"
+	@echo "  curl -s localhost:$(PORT)/metrics | grep pod_"
+	@echo ""
+	$(BIN)/pod serve --bundle $(RUN)/bundle --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest -q

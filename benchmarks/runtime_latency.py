@@ -1,0 +1,394 @@
+"""Per-request latency of one sequential recommendation: Hugging Face `generate` vs our PyTorch and ONNX paths.
+
+One request at a time (batch 1), 20 beams, constrained to valid item IDs with the user's history excluded, the
+same model weights everywhere:
+- HF: stock `model.t5.generate(inputs_embeds=..., prefix_allowed_tokens_fn=...)` on the prompt-extended
+  embeddings (as `eval_throughput.run_hf`);
+- PyTorch: `TorchRuntime` (encoder once, decoder steps with a KV cache) + `pod.decoding.beam_search`;
+- ONNX fp32 / int8: bundles written by `export_bundle` (quantize none / int8), `OnnxRuntime` + the same search.
+
+For each model shape (random init: speed does not depend on the weights) it prints p50 and p99 over the timed
+requests, where the time goes (encode = tokenize + embed + encoder, decode = the model's decoder-step calls,
+search = the rest: constraints, candidate selection, HF's callback and beam bookkeeping), the share of requests
+whose top-10 equals HF's, and the speed-up vs HF (HF p50 / p50) last.
+
+Requests: users sampled (seeded) from the synthetic shop's test split, input `templates.fill("sequential",
+BARE, user, history)`. The shop's sequences are 16-24 purchases by default so inputs average ~90 tokens, like
+the reference anchor; `--history-len 5,12` gives the stock shop (~41 tokens).
+
+    python benchmarks/runtime_latency.py                                        # tiny + t5-small, 50 requests
+    python benchmarks/runtime_latency.py --shapes tiny --requests 20 --threads 2 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.export import export_bundle  # noqa: E402
+from pod import templates  # noqa: E402
+from pod.bundle import Bundle  # noqa: E402
+from pod.dataset import PreparedData  # noqa: E402
+from pod.decoding import beam_search  # noqa: E402
+from pod.model import build_model, load_checkpoint, save_checkpoint  # noqa: E402
+from pod.onnx_runtime import OnnxRuntime  # noqa: E402
+from pod.tokenization import EOS_ID  # noqa: E402
+from pod.torch_runtime import TorchRuntime, encode_batch  # noqa: E402
+from training.data.prepare import prepare  # noqa: E402
+from training.data.synth import synthesize  # noqa: E402
+from training.evaluate import item_trie  # noqa: E402
+from training.train import TrainConfig, tokenizer_for  # noqa: E402
+
+TOP = 10
+MAX_NEW_TOKENS = 16
+# REFERENCE anchor, measured on this machine type: HF constrained generate, t5-small shape, 2 CPU cores.
+ANCHOR = {"shape": "t5-small", "runtime": "HF generate", "hardware": "2-core CPU", "input_tokens": 90, "ms": 277.0}
+HF = "HF generate + prefix_allowed_tokens_fn"
+NAMES = {
+    "hf": HF,
+    "torch": "PyTorch runtime + POD beam search",
+    "onnx-fp32": "ONNX Runtime fp32 + POD beam search",
+    "onnx-int8": "ONNX Runtime int8 + POD beam search",
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class TimedSession:
+    """Wraps a decoder session and adds up the time spent in `step()` (the model, KV-cache reorder included)."""
+
+    def __init__(self, session) -> None:
+        self.session, self.seconds, self.steps = session, 0.0, 0
+
+    def step(self, tokens, parents):
+        t0 = time.perf_counter()
+        out = self.session.step(tokens, parents)
+        self.seconds += time.perf_counter() - t0
+        self.steps += 1
+        return out
+
+
+def ours(runtime, trie, beams: int):
+    """A request function for our runtimes: (text, history) -> (top items, timing parts in seconds)."""
+
+    def run(text: str, history: list[int]) -> tuple[list[int], dict]:
+        t0 = time.perf_counter()
+        session = TimedSession(runtime.start("sequential", [text], beams))
+        t1 = time.perf_counter()
+        hyps = beam_search(
+            session, 1, beams, MAX_NEW_TOKENS, EOS_ID, constraints=[trie.restrict(history)], length_penalty=0.0
+        )
+        items = [h.value for h in hyps[0]][:TOP]
+        total = time.perf_counter() - t0
+        parts = {"encode": t1 - t0, "decode": session.seconds, "steps": session.steps}
+        parts["search"] = total - parts["encode"] - parts["decode"]
+        return items, {"total": total, **parts}
+
+    return run
+
+
+def hf(runtime: TorchRuntime, trie, beams: int):
+    """The stock path, one request: HF generate on the same prompt-extended embeddings, constrained by a callback.
+
+    Forward hooks time the encoder (encode = request start to encoder end, like ours: tokenize + embed +
+    encoder) and the model's decoder-step calls; search is the rest of `generate`.
+    """
+    model, tok, dev = runtime.model, runtime.tokenizer, runtime.device
+    clock = {"enc_end": 0.0, "fwd_start": 0.0, "decode": 0.0, "steps": 0}
+
+    def enc_done(*_):
+        clock["enc_end"] = time.perf_counter()
+
+    def fwd_start(*_):
+        clock["fwd_start"] = time.perf_counter()
+
+    def fwd_done(*_):
+        clock["decode"] += time.perf_counter() - clock["fwd_start"]
+        clock["steps"] += 1
+
+    task_index = model.config.task_index("sequential")
+
+    @torch.inference_mode()
+    def run(text: str, history: list[int]) -> tuple[list[int], dict]:
+        clock.update(decode=0.0, steps=0)
+        hooks = [  # only while this request runs, so the other runtimes never pay for them
+            model.t5.get_encoder().register_forward_hook(enc_done),
+            model.t5.register_forward_pre_hook(fwd_start),
+            model.t5.register_forward_hook(fwd_done),
+        ]
+        try:
+            return request(text, history)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def request(text: str, history: list[int]) -> tuple[list[int], dict]:
+        t0 = time.perf_counter()
+        con = trie.restrict(history)
+
+        def allowed(batch_id: int, prefix: torch.Tensor) -> list[int]:
+            node = 0
+            for t in prefix.tolist()[1:]:
+                node = trie.children[node].get(t, -1)
+                if node < 0:
+                    return [EOS_ID]
+            return [t for t, _ in con.allowed(node)] or [EOS_ID]
+
+        enc = {k: v.to(dev) for k, v in encode_batch(tok, [text]).items()}
+        with runtime.autocast():
+            embeds, mask = model.embed(torch.full((1,), task_index, device=dev), **enc)
+            out = model.t5.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                num_beams=beams,
+                num_return_sequences=beams,
+                max_new_tokens=MAX_NEW_TOKENS,
+                length_penalty=0.0,
+                prefix_allowed_tokens_fn=allowed,
+                do_sample=False,
+            )
+        items: list[int] = []
+        for seq in out.tolist():
+            node = 0
+            for t in seq[1:]:
+                node = trie.children[node].get(t, -1)
+                if node < 0 or t == EOS_ID:
+                    break
+            value = trie.value.get(node)
+            if value is not None and value not in items:
+                items.append(value)
+        total = time.perf_counter() - t0
+        parts = {"encode": clock["enc_end"] - t0, "decode": clock["decode"], "steps": clock["steps"]}
+        parts["search"] = total - parts["encode"] - parts["decode"]
+        return items[:TOP], {"total": total, **parts}
+
+    return run
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (Linux `/proc/stat`), None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def time_requests(runners: dict, requests: list, warmup: int, rounds: int) -> tuple[dict, dict]:
+    """Top-10 lists and timings per runtime, in `rounds` rounds of blocks.
+
+    The timed requests are cut into `rounds` chunks; each round runs every runtime through its chunk, one
+    runtime after the other, after untimed warm-up (all `warmup` requests in the first round, one later), so
+    a slow drift of a shared machine spreads over all runtimes. Not interleaved per request: on a 2-core CPU,
+    ONNX Runtime's and OpenMP's idle-spinning threads then overlap the next runtime's request, which
+    inflated HF's p50 about 3x (tiny shape).
+    """
+    timed = requests[warmup:]
+    size = -(-len(timed) // max(1, rounds))
+    lists: dict[str, list] = {key: [] for key in runners}
+    timings: dict[str, list] = {key: [] for key in runners}
+    for r in range(0, len(timed), size):
+        for key, fn in runners.items():
+            for text, history in requests[:warmup] if r == 0 else requests[:1]:
+                fn(text, history)
+            for text, history in timed[r : r + size]:
+                items, t = fn(text, history)
+                lists[key].append(items)
+                timings[key].append(t)
+    return lists, timings
+
+
+def summarize(timings: list[dict]) -> dict:
+    ms = np.array([t["total"] for t in timings]) * 1000
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "median_encode_ms": float(np.median([t["encode"] for t in timings]) * 1000),
+        "median_decode_ms": float(np.median([t["decode"] for t in timings]) * 1000),
+        "median_search_ms": float(np.median([t["search"] for t in timings]) * 1000),
+        "median_steps": float(np.median([t["steps"] for t in timings])),
+        "latencies_ms": [round(float(x), 3) for x in ms],
+    }
+
+
+def make_data(out: Path, users: int, history_len: tuple[int, int], seed: int) -> PreparedData:
+    lo, hi = history_len
+    raw = synthesize(users=users, items=300, seed=seed, min_len=lo, max_len=hi)
+    prepare(raw, out, source_format="synthetic", seed=seed)
+    return PreparedData.load(out)
+
+
+def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
+    work = tmp / preset
+    torch.manual_seed(args.seed)
+    save_checkpoint(build_model(tok, preset), tok, work / "ckpt", {"train_config": {"data": str(data_dir)}})
+    model, tok, _ = load_checkpoint(work / "ckpt")
+    model.eval()
+    parity = {}
+    for quant in ("none", "int8"):
+        t0 = time.perf_counter()
+        parity[quant] = export_bundle(
+            work / "ckpt",
+            work / f"bundle-{quant}",
+            data=data_dir,
+            quantize=quant,
+            force=quant != "none",  # random weights: int8 top-10 overlap is whatever it is; we report it
+            parity_users=args.parity_users,
+            seed=args.seed,
+            log=lambda m, q=quant: log(f"  [{preset} export {q}] {m}"),
+        )
+        log(f"  [{preset} export {quant}] {time.perf_counter() - t0:.0f} s")
+    trie = item_trie(tok, data.items)
+    torch_rt = TorchRuntime(model, tok, "cpu")
+    runners = {
+        "hf": hf(torch_rt, trie, args.beams),
+        "torch": ours(torch_rt, trie, args.beams),
+        "onnx-fp32": ours(OnnxRuntime(Bundle.load(work / "bundle-none"), "cpu", args.threads), trie, args.beams),
+        "onnx-int8": ours(OnnxRuntime(Bundle.load(work / "bundle-int8"), "cpu", args.threads), trie, args.beams),
+    }
+    t0, busy0, own0 = time.perf_counter(), busy_seconds(), time.process_time()
+    lists, timings = time_requests(runners, requests, args.warmup, args.rounds)
+    wall, busy1, own1 = time.perf_counter() - t0, busy_seconds(), time.process_time()
+    # cores kept busy by other processes while we timed (ours excluded): anything well above 0 inflates the numbers
+    others = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    results = {key: summarize(t) for key, t in timings.items()}
+    log(f"  [{preset}] timed in {wall:.0f} s")
+    for key, r in results.items():
+        pairs = list(zip(lists["hf"], lists[key]))
+        r["identical_top10_vs_hf"] = sum(a == b for a, b in pairs) / len(pairs)
+        r["top10_overlap_vs_hf"] = float(np.mean([len(set(a) & set(b)) / TOP for a, b in pairs]))
+        r["speedup_vs_hf_p50"] = results["hf"]["p50_ms"] / r["p50_ms"]
+    cfg = model.t5.config
+    return {
+        "model": {
+            "preset": preset,
+            "d_model": cfg.d_model,
+            "layers": f"{cfg.num_layers}+{cfg.num_decoder_layers}",
+            "heads": cfg.num_heads,
+            "vocab": cfg.vocab_size,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "num_prompts": model.config.num_prompts,
+        },
+        "other_processes_busy_cores": others,
+        "export_parity": {("fp32" if q == "none" else q): v for q, v in parity.items()},
+        "runtimes": {NAMES[k]: v for k, v in results.items()},
+    }
+
+
+def print_table(preset: str, res: dict, n: int, warmup: int, rounds: int, tokens: float, beams: int) -> None:
+    m = res["model"]
+    print(
+        f"\nshape {preset}: d_model {m['d_model']}, layers {m['layers']}, vocab {m['vocab']}, "
+        f"{m['parameters'] / 1e6:.1f}M params; {n} sequential requests after {warmup} warm-up "
+        f"({rounds} rounds), batch 1, "
+        f"{beams} beams, mean input {tokens:.1f} tokens (+{m['num_prompts']} prompts)"
+    )
+    head = (
+        f"{'runtime':<40} {'p50 ms':>8} {'p99 ms':>8} {'encode':>7} {'decode':>7} {'search':>7} "
+        f"{'steps':>5} {'top10=HF':>8} {'speed-up vs HF p50':>19}"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, r in res["runtimes"].items():
+        print(
+            f"{name:<40} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['median_encode_ms']:>7.1f} "
+            f"{r['median_decode_ms']:>7.1f} {r['median_search_ms']:>7.1f} {r['median_steps']:>5.0f} "
+            f"{100 * r['identical_top10_vs_hf']:>7.0f}% {r['speedup_vs_hf_p50']:>18.2f}x"
+        )
+    if res["other_processes_busy_cores"] is not None:
+        others = res["other_processes_busy_cores"]
+        note = " (WARNING: a shared machine; latencies inflated, torch's most)" if others > 0.25 else ""
+        print(f"other processes kept {others:.2f} cores busy on average while timing{note}")
+    if preset == ANCHOR["shape"]:
+        print(
+            f"reference anchor: {ANCHOR['runtime']}, {ANCHOR['shape']} shape, {ANCHOR['hardware']}, "
+            f"{ANCHOR['input_tokens']}-token inputs: {ANCHOR['ms']:.0f} ms per request"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="tiny,t5-small", help="comma-separated model presets")
+    ap.add_argument("--requests", type=int, default=50, help="timed requests per runtime")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed requests per runtime first")
+    ap.add_argument("--rounds", type=int, default=3, help="timed requests in this many rounds of runtime blocks")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads for torch and ONNX (0: all cores)")
+    ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--users", type=int, default=1000, help="synthetic shop size")
+    ap.add_argument("--history-len", default="16,24", help="MIN,MAX purchases per user in the synthetic shop")
+    ap.add_argument("--parity-users", type=int, default=4, help="users for the export's parity checks")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="write the results (every latency included) as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    args.threads = args.threads or threads
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    history_len = tuple(int(x) for x in args.history_len.split(","))
+
+    tmp = Path(tempfile.mkdtemp(prefix="pod-latency-"))
+    try:
+        run(args, threads, shapes, history_len, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, threads: int, shapes: list[str], history_len: tuple[int, int], tmp: Path) -> None:
+    data_dir = tmp / "synth"
+    data = make_data(data_dir, args.users, history_len, args.seed)
+    tok = tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp)), data, tmp)
+    users = random.Random(args.seed).sample(data.users, args.warmup + args.requests)
+    requests = []
+    for u in users:
+        history, _ = data.eval_example(u, "test")
+        requests.append((templates.fill("sequential", templates.BARE, u, history), history))
+    timed_tokens = float(np.mean([len(tok.encode_input(text)[0]) for text, _ in requests[args.warmup :]]))
+
+    device = f"CPU ({os.cpu_count()} cores, {threads} torch threads, {args.threads} ONNX Runtime threads)"
+    log(f"{device}; data {data_dir} (history {args.history_len}), {len(requests)} requests, work dir {tmp}")
+    results = {}
+    for preset in shapes:
+        results[preset] = bench_shape(preset, data, data_dir, tok, requests, args, tmp)
+        results[preset]["mean_input_tokens"] = timed_tokens
+    print(f"device {device}; torch {torch.__version__}; latency per request; encode/decode/search: medians in ms")
+    for preset, res in results.items():
+        print_table(preset, res, args.requests, args.warmup, args.rounds, timed_tokens, args.beams)
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "requests": args.requests,
+                    "warmup": args.warmup,
+                    "rounds": args.rounds,
+                    "beams": args.beams,
+                    "max_new_tokens": MAX_NEW_TOKENS,
+                    "history_len": list(history_len),
+                    "mean_input_tokens": timed_tokens,
+                    "anchor": ANCHOR,
+                    "shapes": results,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
