@@ -96,8 +96,13 @@ def _serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(**overrides)
     setup_logging(settings.log_level)
     print("pod serve settings: " + json.dumps(settings.model_dump()), flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,8 +31,12 @@ log = logging.getLogger("pod.service")
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage()}
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         out.update(getattr(record, "fields", {}))
         return json.dumps(out)
 
@@ -61,8 +65,11 @@ def load_engine(settings: ServeSettings) -> tuple[Engine, str]:
         from pod.model import load_checkpoint
         from pod.torch_runtime import TorchRuntime
 
-        device = "cuda" if settings.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if settings.device == "auto" else settings.device)
+        device = (
+            "cuda"
+            if settings.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if settings.device == "auto" else settings.device)
+        )
         model, tokenizer, meta = load_checkpoint(settings.checkpoint, device)
         data = PreparedData.load(meta["train_config"]["data"])
         runtime = TorchRuntime(model, tokenizer, device, bf16=device == "cuda")
@@ -80,8 +87,14 @@ def load_engine(settings: ServeSettings) -> tuple[Engine, str]:
         m = bundle.manifest
         label = f"pod-onnx-{m['quantization'] if m['quantization'] != 'none' else m['dtype']}"
         label += f"@{m['source_checkpoint']['sha256'][:12]}"
-    engine = Engine(runtime, catalog, settings.beams, settings.explanation_beams, settings.explanation_groups,
-                    settings.diversity_penalty)
+    engine = Engine(
+        runtime,
+        catalog,
+        settings.beams,
+        settings.explanation_beams,
+        settings.explanation_groups,
+        settings.diversity_penalty,
+    )
     return engine, label
 
 
@@ -97,8 +110,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
         state.update(engine=engine, label=label, executor=executor)
         batchers = {}
         for task, fn in (("sequential", engine.sequential), ("topn", engine.topn), ("explanation", engine.explain)):
-            b = Batcher(task, fn, executor, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                        metrics.on_batch, metrics.on_depth)
+            b = Batcher(
+                task,
+                fn,
+                executor,
+                settings.max_batch_size,
+                settings.max_wait_ms,
+                settings.max_queue,
+                metrics.on_batch,
+                metrics.on_depth,
+            )
             b.start()
             batchers[task] = b
         state["batchers"] = batchers
@@ -114,8 +135,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
         executor.shutdown(wait=True)
         log.info("stopped")
 
-    app = FastAPI(title="POD recommendation service", version="0.1.0", lifespan=lifespan,
-                  description="Sequential and top-N recommendation and explanations from a prompt-distilled T5.")
+    app = FastAPI(
+        title="POD recommendation service",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Sequential and top-N recommendation and explanations from a prompt-distilled T5.",
+    )
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
@@ -124,9 +149,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
         started = time.perf_counter()
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            response: Response = JSONResponse(status_code=413, content={"detail": [{
-                "loc": ["body"], "msg": f"body of {length} bytes is over the {settings.max_body_bytes}-byte limit",
-                "input": None}]})
+            response: Response = JSONResponse(
+                status_code=413,
+                content={
+                    "detail": [
+                        {
+                            "loc": ["body"],
+                            "msg": f"body of {length} bytes is over the {settings.max_body_bytes}-byte limit",
+                            "input": None,
+                        }
+                    ]
+                },
+            )
         else:
             response = await call_next(request)
         elapsed = time.perf_counter() - started
@@ -136,8 +170,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
             metrics.latency.labels(endpoint, str(response.status_code)).observe(elapsed)
         if response.status_code >= 400:
             metrics.errors.labels(str(response.status_code)).inc()
-        log.info("request", extra={"fields": {"request_id": rid, "method": request.method, "path": endpoint,
-                                              "status": response.status_code, "ms": round(1000 * elapsed, 2)}})
+        log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": rid,
+                    "method": request.method,
+                    "path": endpoint,
+                    "status": response.status_code,
+                    "ms": round(1000 * elapsed, 2),
+                }
+            },
+        )
         return response
 
     @app.exception_handler(Exception)
@@ -147,8 +191,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     def engine() -> Engine:
         if not state["ready"]:
-            raise HTTPException(503, detail=[{"loc": [], "msg": "not ready (loading or shutting down)", "input": None}],
-                                headers={"Retry-After": "1"})
+            raise HTTPException(
+                503,
+                detail=[{"loc": [], "msg": "not ready (loading or shutting down)", "input": None}],
+                headers={"Retry-After": "1"},
+            )
         return state["engine"]
 
     def user_of(value: int | str) -> tuple[int, type]:
@@ -184,8 +231,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             future = state["batchers"][task].submit(job, bucket)
         except QueueFull as exc:
-            raise HTTPException(429, detail=[{"loc": [], "msg": str(exc), "input": None}],
-                                headers={"Retry-After": "1"}) from None
+            raise HTTPException(
+                429, detail=[{"loc": [], "msg": str(exc), "input": None}], headers={"Retry-After": "1"}
+            ) from None
 
         async def disconnected() -> None:
             while True:
@@ -195,8 +243,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
         watcher = asyncio.ensure_future(disconnected())
         try:
-            done, _ = await asyncio.wait({future, watcher}, timeout=settings.request_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {future, watcher}, timeout=settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             watcher.cancel()
         if future in done:
@@ -204,8 +253,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
         future.cancel()  # frees its slot if its batch has not started
         if watcher in done:
             return Response(status_code=499)
-        raise HTTPException(504, detail=[{"loc": [], "msg": f"not served within the {settings.request_timeout_s} s "
-                                          "deadline", "input": None}])
+        raise HTTPException(
+            504,
+            detail=[
+                {"loc": [], "msg": f"not served within the {settings.request_timeout_s} s deadline", "input": None}
+            ],
+        )
 
     @app.post("/recommend/sequential", response_model=RecommendResponse)
     async def recommend_sequential(body: SequentialRequest, request: Request):
@@ -220,8 +273,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             if not body.history:
                 raise bad("history", "history is empty; send at least one item or leave it out", [])
             if len(body.history) > settings.max_history:
-                raise bad("history", f"history has {len(body.history)} items; the limit is {settings.max_history} "
-                          f"(the model reads the most recent {MAX_HISTORY})", len(body.history))
+                raise bad(
+                    "history",
+                    f"history has {len(body.history)} items; the limit is {settings.max_history} "
+                    f"(the model reads the most recent {MAX_HISTORY})",
+                    len(body.history),
+                )
             history = items_of("history", body.history)
             form = type(body.history[0])
         banned = frozenset(items_of("exclude", body.exclude))
@@ -234,8 +291,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if isinstance(result, Response):
             return result
         metrics.tokens.labels("sequential").inc(result.tokens)
-        return RecommendResponse(items=[{"item_id": show(i, form), "score": s} for i, s in result.items],
-                                 model=state["label"], latency_ms=round(1000 * (time.perf_counter() - started), 2))
+        return RecommendResponse(
+            items=[{"item_id": show(i, form), "score": s} for i, s in result.items],
+            model=state["label"],
+            latency_ms=round(1000 * (time.perf_counter() - started), 2),
+        )
 
     @app.post("/recommend/topn", response_model=RecommendResponse)
     async def recommend_topn(body: TopNRequest, request: Request):
@@ -258,8 +318,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if isinstance(result, Response):
             return result
         metrics.tokens.labels("topn").inc(result.tokens)
-        return RecommendResponse(items=[{"item_id": show(i, form), "score": s} for i, s in result.items],
-                                 model=state["label"], latency_ms=round(1000 * (time.perf_counter() - started), 2))
+        return RecommendResponse(
+            items=[{"item_id": show(i, form), "score": s} for i, s in result.items],
+            model=state["label"],
+            latency_ms=round(1000 * (time.perf_counter() - started), 2),
+        )
 
     @app.post("/explain", response_model=ExplainResponse)
     async def explain(body: ExplainRequest, request: Request):
@@ -272,8 +335,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return result
         text, score, tokens = result
         metrics.tokens.labels("explanation").inc(tokens)
-        return ExplainResponse(explanation=text, score=score, model=state["label"],
-                               latency_ms=round(1000 * (time.perf_counter() - started), 2))
+        return ExplainResponse(
+            explanation=text,
+            score=score,
+            model=state["label"],
+            latency_ms=round(1000 * (time.perf_counter() - started), 2),
+        )
 
     @app.get("/healthz")
     async def healthz():

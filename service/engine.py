@@ -76,8 +76,15 @@ class Ranked:
 
 
 class Engine:
-    def __init__(self, runtime, catalog: Catalog, beams: int = 20, explanation_beams: int = 21,
-                 explanation_groups: int = 3, diversity_penalty: float = 0.0) -> None:
+    def __init__(
+        self,
+        runtime,
+        catalog: Catalog,
+        beams: int = 20,
+        explanation_beams: int = 21,
+        explanation_groups: int = 3,
+        diversity_penalty: float = 0.0,
+    ) -> None:
         self.runtime = runtime
         self.catalog = catalog
         self.beams = beams
@@ -98,10 +105,13 @@ class Engine:
         texts = [templates.fill("sequential", templates.BARE, j.user, j.history[-MAX_HISTORY:]) for j in jobs]
         cons = [self.catalog.trie.restrict(set(j.history) | set(j.exclude)) for j in jobs]
         session = self.runtime.start("sequential", texts, self.beams)
-        hyps = beam_search(session, len(jobs), self.beams, self.max_item_tokens, EOS_ID, constraints=cons,
-                           length_penalty=0.0)
-        return [Ranked([(h.value, h.logprob) for h in row][: j.k], sum(len(h.tokens) for h in row))
-                for j, row in zip(jobs, hyps)]
+        hyps = beam_search(
+            session, len(jobs), self.beams, self.max_item_tokens, EOS_ID, constraints=cons, length_penalty=0.0
+        )
+        return [
+            Ranked([(h.value, h.logprob) for h in row][: j.k], sum(len(h.tokens) for h in row))
+            for j, row in zip(jobs, hyps)
+        ]
 
     def topn(self, jobs: Sequence[TopNJob]) -> list[Ranked]:
         out: list[Ranked | None] = [None] * len(jobs)
@@ -110,8 +120,9 @@ class Engine:
             texts = [templates.fill("topn", templates.BARE, jobs[n].user, jobs[n].candidates) for n in beam_jobs]
             cons = [Trie((self.catalog.item_tokens[i], i) for i in jobs[n].candidates).restrict() for n in beam_jobs]
             session = self.runtime.start("topn", texts, self.beams)
-            hyps = beam_search(session, len(beam_jobs), self.beams, self.max_item_tokens, EOS_ID, constraints=cons,
-                               length_penalty=0.0)
+            hyps = beam_search(
+                session, len(beam_jobs), self.beams, self.max_item_tokens, EOS_ID, constraints=cons, length_penalty=0.0
+            )
             for n, row in zip(beam_jobs, hyps):
                 out[n] = Ranked([(h.value, h.logprob) for h in row][: jobs[n].k], sum(len(h.tokens) for h in row))
         for n, job in enumerate(jobs):
@@ -139,9 +150,17 @@ class Engine:
     def explain(self, jobs: Sequence[ExplainJob]) -> list[tuple[str, float, int]]:
         texts = [templates.fill("explanation", templates.BARE, j.user, [j.item]) for j in jobs]
         session = self.runtime.start("explanation", texts, self.explanation_beams)
-        hyps = beam_search(session, len(jobs), self.explanation_beams, max(j.max_tokens for j in jobs), EOS_ID,
-                           num_groups=self.explanation_groups, diversity_penalty=self.diversity_penalty,
-                           length_penalty=1.0, num_return=1)
+        hyps = beam_search(
+            session,
+            len(jobs),
+            self.explanation_beams,
+            max(j.max_tokens for j in jobs),
+            EOS_ID,
+            num_groups=self.explanation_groups,
+            diversity_penalty=self.diversity_penalty,
+            length_penalty=1.0,
+            num_return=1,
+        )
         out = []
         for j, row in zip(jobs, hyps):
             best = row[0]

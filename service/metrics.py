@@ -12,14 +12,22 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.latency = Histogram("pod_request_latency_seconds", "Request latency by endpoint and status",
-                                 ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("pod_queue_wait_seconds", "Time a job waited for its batch", ["task"],
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("pod_batch_size", "Jobs per model batch", ["task"], buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.model_time = Histogram("pod_model_seconds", "Model time per batch", ["task"], buckets=LATENCY_BUCKETS,
-                                    registry=r)
+        self.latency = Histogram(
+            "pod_request_latency_seconds",
+            "Request latency by endpoint and status",
+            ["endpoint", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "pod_queue_wait_seconds", "Time a job waited for its batch", ["task"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "pod_batch_size", "Jobs per model batch", ["task"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.model_time = Histogram(
+            "pod_model_seconds", "Model time per batch", ["task"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.tokens = Counter("pod_tokens_generated_total", "Decoder tokens generated", ["task"], registry=r)
         self.queue_depth = Gauge("pod_queue_depth", "Jobs waiting for a batch", ["task"], registry=r)
         self.errors = Counter("pod_errors_total", "Error responses by status code", ["code"], registry=r)

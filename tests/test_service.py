@@ -29,10 +29,22 @@ def free_port() -> int:
 @contextmanager
 def serve(bundle: Path, **settings):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "POD_BUNDLE": str(bundle), "POD_PORT": str(port),
-           "POD_THREADS": "1", **{f"POD_{k.upper()}": str(v) for k, v in settings.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "pod.cli", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "POD_BUNDLE": str(bundle),
+        "POD_PORT": str(port),
+        "POD_THREADS": "1",
+        **{f"POD_{k.upper()}": str(v) for k, v in settings.items()},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pod.cli", "serve"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -75,16 +87,20 @@ def test_happy_paths(server, exported_bundle):
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc"
     body = r.json()
     ids = [x["item_id"] for x in body["items"]]
-    history = next(line for line in (exported_bundle / "histories.txt").read_text().splitlines()
-                   if line.split()[0] == "5").split()[1:]
+    history = next(
+        line for line in (exported_bundle / "histories.txt").read_text().splitlines() if line.split()[0] == "5"
+    ).split()[1:]
     assert len(ids) == len(set(ids)) == 5 and all(isinstance(i, int) for i in ids)
     assert not {str(i) for i in ids} & set(history)  # exclude_seen
     assert body["model"].startswith("pod-onnx-fp32@") and body["latency_ms"] > 0
     scores = [x["score"] for x in body["items"]]
     assert scores == sorted(scores, reverse=True)
     # raw IDs in, raw IDs out
-    r = post(server, "/recommend/sequential", {"user_id": "U00005", "history": ["P00011", "P00012"], "k": 3,
-                                               "exclude": ["P00013"]})
+    r = post(
+        server,
+        "/recommend/sequential",
+        {"user_id": "U00005", "history": ["P00011", "P00012"], "k": 3, "exclude": ["P00013"]},
+    )
     assert r.status_code == 200
     raw = [x["item_id"] for x in r.json()["items"]]
     assert all(isinstance(i, str) and i.startswith("P") for i in raw) and not {"P00011", "P00012", "P00013"} & set(raw)
@@ -163,8 +179,14 @@ def test_concurrent_requests_are_batched_and_equal_their_unbatched_answers(expor
             for a, b in zip(alone["items"], results[u]["items"]):
                 assert a["score"] == pytest.approx(b["score"], abs=1e-4)
         text = httpx.get(url + "/metrics").text
-        for name in ("pod_request_latency_seconds_bucket", "pod_queue_wait_seconds_bucket", "pod_model_seconds_bucket",
-                     "pod_tokens_generated_total", "pod_queue_depth", "pod_batch_size_bucket"):
+        for name in (
+            "pod_request_latency_seconds_bucket",
+            "pod_queue_wait_seconds_bucket",
+            "pod_model_seconds_bucket",
+            "pod_tokens_generated_total",
+            "pod_queue_depth",
+            "pod_batch_size_bucket",
+        ):
             assert name in text
 
 
@@ -173,8 +195,9 @@ def test_a_full_queue_answers_429_with_retry_after(exported_bundle):
         codes, headers = [], []
 
         def call():
-            r = post(url, "/recommend/topn", {"user_id": 5, "candidates": list(range(1, 101)), "k": 10,
-                                              "mode": "score"})
+            r = post(
+                url, "/recommend/topn", {"user_id": 5, "candidates": list(range(1, 101)), "k": 10, "mode": "score"}
+            )
             codes.append(r.status_code)
             headers.append(r.headers.get("retry-after"))
 
