@@ -10,7 +10,6 @@ Splits follow the paper: leave-one-out for sequential and top-N (implied by the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from datetime import datetime, timezone
@@ -20,18 +19,11 @@ import numpy as np
 
 from pod import __version__
 from pod.atomic import write_dir_atomically
+from pod.bundle import sha256
 from pod.dataset import PREPARED_FORMAT, PREPARED_VERSION
 from training.data.raw import DataFormatError, RawData
 
 ITEM_INDEXING = ("keep", "sequential", "random")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def index_items(raw: RawData, mode: str, seed: int) -> dict[str, int]:
@@ -154,7 +146,7 @@ def prepare(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {
             "format": source_format,
-            "files": [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size} for p in raw.sources],
+            "files": [{"path": str(p), "sha256": sha256(p), "bytes": Path(p).stat().st_size} for p in raw.sources],
         },
         "item_index": item_index,
         "seed": seed,
