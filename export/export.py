@@ -27,7 +27,7 @@ from pod import templates
 from pod.atomic import write_dir_atomically
 from pod.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, file_entry, sha256
 from pod.dataset import PreparedData
-from pod.decoding import beam_search
+from pod.decoding import Trie, beam_search
 from pod.ids import item_target
 from pod.model import load_checkpoint, resolve_checkpoint
 from pod.tokenization import EOS_ID
@@ -145,8 +145,6 @@ def top_lists(runtime, data: PreparedData, users: list[int], task: str, item_tri
         else:
             cands, _ = data.candidates(u, "test")
             texts.append(templates.fill(task, templates.BARE, u, cands))
-            from pod.decoding import Trie
-
             cons.append(Trie((tokenizer.encode_target(item_target(i)), i) for i in cands).restrict())
     session = runtime.start(task, texts, 20)
     hyps = beam_search(session, len(users), 20, 16, EOS_ID, constraints=cons, length_penalty=0.0)

@@ -260,6 +260,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
             ],
         )
 
+    def ranked_response(task: str, result: Any, form: type, started: float) -> Response | RecommendResponse:
+        """A ranked list in the ID form the request used (or the disconnect response, passed through)."""
+        if isinstance(result, Response):
+            return result
+        metrics.tokens.labels(task).inc(result.tokens)
+        return RecommendResponse(
+            items=[{"item_id": show(i, form), "score": s} for i, s in result.items],
+            model=state["label"],
+            latency_ms=round(1000 * (time.perf_counter() - started), 2),
+        )
+
     @app.post("/recommend/sequential", response_model=RecommendResponse)
     async def recommend_sequential(body: SequentialRequest, request: Request):
         eng = engine()
@@ -288,14 +299,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise bad("exclude", "every item is excluded; nothing is left to recommend", None)
         job = SequentialJob(user, history, body.k, banned)
         result = await run("sequential", job, eng.input_length("sequential", user, history) // 32, request)
-        if isinstance(result, Response):
-            return result
-        metrics.tokens.labels("sequential").inc(result.tokens)
-        return RecommendResponse(
-            items=[{"item_id": show(i, form), "score": s} for i, s in result.items],
-            model=state["label"],
-            latency_ms=round(1000 * (time.perf_counter() - started), 2),
-        )
+        return ranked_response("sequential", result, form, started)
 
     @app.post("/recommend/topn", response_model=RecommendResponse)
     async def recommend_topn(body: TopNRequest, request: Request):
@@ -315,14 +319,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         form = type(body.candidates[0])
         job = TopNJob(user, candidates, min(body.k, len(candidates)), body.mode)
         result = await run("topn", job, len(candidates) // 25, request)
-        if isinstance(result, Response):
-            return result
-        metrics.tokens.labels("topn").inc(result.tokens)
-        return RecommendResponse(
-            items=[{"item_id": show(i, form), "score": s} for i, s in result.items],
-            model=state["label"],
-            latency_ms=round(1000 * (time.perf_counter() - started), 2),
-        )
+        return ranked_response("topn", result, form, started)
 
     @app.post("/explain", response_model=ExplainResponse)
     async def explain(body: ExplainRequest, request: Request):
