@@ -38,6 +38,17 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# Load test a running server (`make demo` in another shell, or `docker compose up`); reports in $(RUN)/loadtest,
+# exit 1 when the SLO is missed. Override e.g. `make loadtest LT_USERS=32 LT_TIME=5m LT_SLO="--max-p99-ms 500"`.
+LT_HOST ?= http://127.0.0.1:$(PORT)
+LT_USERS ?= 10
+LT_TIME ?= 60s
+LT_SLO ?= --max-failure-rate 0.01 --max-p99-ms 2000
+.PHONY: loadtest
+loadtest: setup
+	$(BIN)/pod loadtest --host $(LT_HOST) --bundle $(RUN)/bundle --users $(LT_USERS) --run-time $(LT_TIME) \
+		--out $(RUN)/loadtest $(LT_SLO)
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

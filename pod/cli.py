@@ -105,6 +105,14 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
+def _loadtest(args: argparse.Namespace) -> None:
+    from loadtests.run import run
+
+    status = run(args)
+    if status:
+        raise SystemExit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pod", description="POD: prompt-distilled LLM recommendation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", help="PyTorch device: auto, cpu, cuda")
     sv.add_argument("--log-level", dest="log_level")
     sv.set_defaults(func=_serve)
+
+    from loadtests.run import add_arguments as loadtest_arguments  # argparse only; Locust loads on use
+
+    lt = sub.add_parser("loadtest", help="headless Locust run against a server: CSV, HTML, Markdown, SLO verdict")
+    loadtest_arguments(lt)
+    lt.set_defaults(func=_loadtest)
     return parser
 
 
