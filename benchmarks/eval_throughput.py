@@ -34,15 +34,44 @@ from training.train import TrainConfig, tokenizer_for  # noqa: E402
 TOP = 10
 
 
-def run_ours(runtime, texts, histories, trie, beams, batch_size):
+def run_ours(runtime, texts, histories, trie, beams, batch_size, normalize="exact"):
     lists = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
         session = runtime.start("sequential", chunk, beams)
         cons = [trie.restrict(h) for h in histories[i : i + batch_size]]
-        hyps = beam_search(session, len(chunk), beams, 16, EOS_ID, constraints=cons, length_penalty=0.0)
+        hyps = beam_search(
+            session, len(chunk), beams, 16, EOS_ID, constraints=cons, length_penalty=0.0, normalize=normalize
+        )
         lists += [[h.value for h in row][:TOP] for row in hyps]
     return lists
+
+
+def run_ours_allowed(runtime, texts, histories, trie, beams, batch_size):
+    return run_ours(runtime, texts, histories, trie, beams, batch_size, "allowed")
+
+
+@torch.inference_mode()
+def run_hf_plain(runtime, texts, histories, trie, beams, batch_size):
+    """The REFERENCE anchor: plain beam-search `generate`, as many new tokens as an item ID, no constraint."""
+    model, tok, dev = runtime.model, runtime.tokenizer, runtime.device
+    length = max(len(trie_path) for trie_path in trie.paths.values())
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        enc = {k: v.to(dev) for k, v in encode_batch(tok, chunk).items()}
+        task = torch.full((len(chunk),), model.config.task_index("sequential"), device=dev)
+        with runtime.autocast():
+            embeds, mask = model.embed(task, **enc)
+            model.t5.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                num_beams=beams,
+                num_return_sequences=beams,
+                max_new_tokens=length,
+                min_new_tokens=length,
+                do_sample=False,
+            )
+    return None
 
 
 @torch.inference_mode()
@@ -99,7 +128,14 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--users", type=int, default=200, help="evaluate this many test users (0 = all)")
     ap.add_argument("--beams", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="users per batch, ours")
+    ap.add_argument("--hf-batch-size", type=int, help="users per batch for HF (default: --batch-size)")
+    ap.add_argument(
+        "--tokenizer",
+        default="data",
+        help="'data' = a small vocabulary trained on the shop; 'auto' = T5's spiece.model from ../shared (as the "
+        "REFERENCE anchors); or a path",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -116,7 +152,13 @@ def main() -> None:
     if args.checkpoint:
         model, tok, _ = load_checkpoint(args.checkpoint, dev)
     else:
-        tok = tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp)), data, tmp)
+        spiece = None
+        if args.tokenizer == "auto":
+            found = [p / "shared/tokenizers/t5/spiece.model" for p in Path(__file__).resolve().parents]
+            spiece = next((str(p) for p in found if p.is_file()), None)
+        elif args.tokenizer != "data":
+            spiece = args.tokenizer
+        tok = tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp), tokenizer=spiece), data, tmp)
         torch.manual_seed(0)
         model = build_model(tok, args.preset)
     runtime = TorchRuntime(model, tok, dev, bf16=dev == "cuda")
@@ -130,30 +172,37 @@ def main() -> None:
     texts = [texts[i] for i in order]
     histories = [histories[i] for i in order]
     trie = item_trie(tok, data.items)
-    warm = min(len(texts), args.batch_size)
-    run_ours(runtime, texts[:warm], histories[:warm], trie, args.beams, args.batch_size)
-    run_hf(runtime, texts[:warm], histories[:warm], trie, args.beams, args.batch_size)
+    hf_batch = args.hf_batch_size or args.batch_size
+    runners = {
+        "HF generate + prefix_allowed_tokens_fn": (run_hf, hf_batch),
+        "HF generate, unconstrained (anchor)": (run_hf_plain, hf_batch),
+        "POD beam search (exact)": (run_ours, args.batch_size),
+        "POD beam search (allowed-token normalizer)": (run_ours_allowed, args.batch_size),
+    }
+    for fn, batch in runners.values():  # warm-up: one batch each
+        warm = min(len(texts), batch)
+        fn(runtime, texts[:warm], histories[:warm], trie, args.beams, batch)
     timings, lists = {}, {}
-    for name, fn in (("HF generate + prefix_allowed_tokens_fn", run_hf), ("POD beam search", run_ours)):
+    for name, (fn, batch) in runners.items():
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        lists[name] = fn(runtime, texts, histories, trie, args.beams, args.batch_size)
+        lists[name] = fn(runtime, texts, histories, trie, args.beams, batch)
         if dev == "cuda":
             torch.cuda.synchronize()
         timings[name] = len(texts) / (time.perf_counter() - t0)
-    a, b = lists.values()
-    same = sum(x == y for x, y in zip(a, b)) / len(a)
-    ratio = timings["POD beam search"] / timings["HF generate + prefix_allowed_tokens_fn"]
+    ref = lists["HF generate + prefix_allowed_tokens_fn"]
+    same = {name: sum(x == y for x, y in zip(ref, got)) / len(ref) for name, got in lists.items() if got is not None}
+    base = timings["HF generate + prefix_allowed_tokens_fn"]
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"device {device_name}; {len(texts)} users, {args.beams} beams, batch {args.batch_size}, "
         f"model d_model={model.config.t5['d_model']}, vocab {tok.vocab_size}"
     )
+    print(f"{'runner':<44} {'users/s':>9} {'top-10 = HF constrained':>24} {'ratio vs HF constrained':>24}")
     for name, v in timings.items():
-        print(f"{name:<42} {v:>9.1f} users/s")
-    print(f"identical top-10 lists: {100 * same:.1f}%")
-    print(f"speed ratio (ours / HF): {ratio:.2f}x")
+        agree = f"{100 * same[name]:.1f}%" if name in same else "n/a (no items)"
+        print(f"{name:<44} {v:>9.1f} {agree:>24} {v / base:>23.2f}x")
     if args.out:
         Path(args.out).write_text(
             json.dumps(
@@ -162,9 +211,11 @@ def main() -> None:
                     "users": len(texts),
                     "beams": args.beams,
                     "batch_size": args.batch_size,
+                    "hf_batch_size": hf_batch,
+                    "vocab": tok.vocab_size,
                     "users_per_s": timings,
-                    "identical_top10": same,
-                    "speedup": ratio,
+                    "identical_top10_vs_hf_constrained": same,
+                    "ratio_vs_hf_constrained": {name: v / base for name, v in timings.items()},
                 },
                 indent=2,
             )

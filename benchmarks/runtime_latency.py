@@ -41,7 +41,8 @@ from export.export import export_bundle  # noqa: E402
 from pod import templates  # noqa: E402
 from pod.bundle import Bundle  # noqa: E402
 from pod.dataset import PreparedData  # noqa: E402
-from pod.decoding import beam_search  # noqa: E402
+from pod.decoding import Trie, beam_search  # noqa: E402
+from pod.ids import item_target  # noqa: E402
 from pod.model import build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from pod.onnx_runtime import OnnxRuntime  # noqa: E402
 from pod.tokenization import EOS_ID  # noqa: E402
@@ -53,11 +54,16 @@ from training.train import TrainConfig, tokenizer_for  # noqa: E402
 
 TOP = 10
 MAX_NEW_TOKENS = 16
+EXPLANATION_TOKENS = 20  # explanations: every runtime decodes exactly this many tokens, so work is equal
 # REFERENCE anchor, measured on this machine type: HF constrained generate, t5-small shape, 2 CPU cores.
 ANCHOR = {"shape": "t5-small", "runtime": "HF generate", "hardware": "2-core CPU", "input_tokens": 90, "ms": 277.0}
 HF = "HF generate + prefix_allowed_tokens_fn"
 NAMES = {
     "hf": HF,
+    "hf-plain": "HF generate, unconstrained (anchor)",
+    "torch-allowed": "PyTorch runtime, allowed-token normalizer",
+    "onnx-fp32-allowed": "ONNX fp32, allowed-token normalizer",
+    "onnx-int8-allowed": "ONNX int8, allowed-token normalizer",
     "torch": "PyTorch runtime + POD beam search",
     "onnx-fp32": "ONNX Runtime fp32 + POD beam search",
     "onnx-int8": "ONNX Runtime int8 + POD beam search",
@@ -81,28 +87,51 @@ class TimedSession:
         self.steps += 1
         return out
 
-
-def ours(runtime, trie, beams: int):
-    """A request function for our runtimes: (text, history) -> (top items, timing parts in seconds)."""
-
-    def run(text: str, history: list[int]) -> tuple[list[int], dict]:
+    def step_columns(self, tokens, parents, columns, normalizer):
         t0 = time.perf_counter()
-        session = TimedSession(runtime.start("sequential", [text], beams))
+        out = self.session.step_columns(tokens, parents, columns, normalizer)
+        self.seconds += time.perf_counter() - t0
+        self.steps += 1
+        return out
+
+
+def ours(runtime, task: str, constraint, beams: int, normalize: str = "exact"):
+    """A request function for our runtimes: (text, payload) -> (top items or tokens, timing parts in seconds)."""
+
+    def run(text: str, payload) -> tuple[list, dict]:
+        t0 = time.perf_counter()
+        session = TimedSession(runtime.start(task, [text], beams))
         t1 = time.perf_counter()
-        hyps = beam_search(
-            session, 1, beams, MAX_NEW_TOKENS, EOS_ID, constraints=[trie.restrict(history)], length_penalty=0.0
-        )
-        items = [h.value for h in hyps[0]][:TOP]
+        if task == "explanation":
+            hyps = beam_search(
+                session, 1, beams, EXPLANATION_TOKENS, EOS_ID, min_new_tokens=EXPLANATION_TOKENS, num_return=1
+            )
+            out = list(hyps[0][0].tokens)
+        else:
+            hyps = beam_search(
+                session,
+                1,
+                beams,
+                MAX_NEW_TOKENS,
+                EOS_ID,
+                constraints=[constraint(payload)],
+                length_penalty=0.0,
+                normalize=normalize,
+            )
+            out = [h.value for h in hyps[0]][:TOP]
         total = time.perf_counter() - t0
         parts = {"encode": t1 - t0, "decode": session.seconds, "steps": session.steps}
         parts["search"] = total - parts["encode"] - parts["decode"]
-        return items, {"total": total, **parts}
+        return out, {"total": total, **parts}
 
     return run
 
 
-def hf(runtime: TorchRuntime, trie, beams: int):
+def hf(runtime: TorchRuntime, task: str, constraint, beams: int, constrained: bool = True, item_tokens: int = 5):
     """The stock path, one request: HF generate on the same prompt-extended embeddings, constrained by a callback.
+
+    `constrained=False` is plain `generate` with beams and a fixed number of new tokens (the REFERENCE anchor:
+    an item's length, or EXPLANATION_TOKENS for explanations), whose output may be no valid item at all.
 
     Forward hooks time the encoder (encode = request start to encoder end, like ours: tokenize + embed +
     encoder) and the model's decoder-step calls; search is the rest of `generate`.
@@ -120,10 +149,10 @@ def hf(runtime: TorchRuntime, trie, beams: int):
         clock["decode"] += time.perf_counter() - clock["fwd_start"]
         clock["steps"] += 1
 
-    task_index = model.config.task_index("sequential")
+    task_index = model.config.task_index(task)
 
     @torch.inference_mode()
-    def run(text: str, history: list[int]) -> tuple[list[int], dict]:
+    def run(text: str, history) -> tuple[list, dict]:
         clock.update(decode=0.0, steps=0)
         hooks = [  # only while this request runs, so the other runtimes never pay for them
             model.t5.get_encoder().register_forward_hook(enc_done),
@@ -136,9 +165,10 @@ def hf(runtime: TorchRuntime, trie, beams: int):
             for h in hooks:
                 h.remove()
 
-    def request(text: str, history: list[int]) -> tuple[list[int], dict]:
+    def request(text: str, payload) -> tuple[list, dict]:
         t0 = time.perf_counter()
-        con = trie.restrict(history)
+        con = constraint(payload) if task != "explanation" else None
+        trie = con.trie if con is not None else None
 
         def allowed(batch_id: int, prefix: torch.Tensor) -> list[int]:
             node = 0
@@ -148,6 +178,14 @@ def hf(runtime: TorchRuntime, trie, beams: int):
                     return [EOS_ID]
             return [t for t, _ in con.allowed(node)] or [EOS_ID]
 
+        if task == "explanation" or not constrained:
+            length = EXPLANATION_TOKENS if task == "explanation" else item_tokens
+            limits = {"max_new_tokens": length, "min_new_tokens": length, "length_penalty": 1.0}
+            limits["num_return_sequences"] = 1 if task == "explanation" else beams
+        else:
+            limits = {"max_new_tokens": MAX_NEW_TOKENS, "length_penalty": 0.0, "num_return_sequences": beams}
+            limits["prefix_allowed_tokens_fn"] = allowed
+
         enc = {k: v.to(dev) for k, v in encode_batch(tok, [text]).items()}
         with runtime.autocast():
             embeds, mask = model.embed(torch.full((1,), task_index, device=dev), **enc)
@@ -155,12 +193,14 @@ def hf(runtime: TorchRuntime, trie, beams: int):
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 num_beams=beams,
-                num_return_sequences=beams,
-                max_new_tokens=MAX_NEW_TOKENS,
-                length_penalty=0.0,
-                prefix_allowed_tokens_fn=allowed,
                 do_sample=False,
+                **limits,
             )
+        if task == "explanation" or trie is None:
+            total = time.perf_counter() - t0
+            parts = {"encode": clock["enc_end"] - t0, "decode": clock["decode"], "steps": clock["steps"]}
+            parts["search"] = total - parts["encode"] - parts["decode"]
+            return out[0].tolist()[1:], {"total": total, **parts}
         items: list[int] = []
         for seq in out.tolist():
             node = 0
@@ -241,7 +281,7 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
     model, tok, _ = load_checkpoint(work / "ckpt")
     model.eval()
     parity = {}
-    for quant in ("none", "int8"):
+    for quant in ("none", "int8") if args.device == "cpu" else ():  # ONNX Runtime is CPU-only on the GPU image
         t0 = time.perf_counter()
         parity[quant] = export_bundle(
             work / "ckpt",
@@ -255,13 +295,28 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
         )
         log(f"  [{preset} export {quant}] {time.perf_counter() - t0:.0f} s")
     trie = item_trie(tok, data.items)
-    torch_rt = TorchRuntime(model, tok, "cpu")
-    runners = {
-        "hf": hf(torch_rt, trie, args.beams),
-        "torch": ours(torch_rt, trie, args.beams),
-        "onnx-fp32": ours(OnnxRuntime(Bundle.load(work / "bundle-none"), "cpu", args.threads), trie, args.beams),
-        "onnx-int8": ours(OnnxRuntime(Bundle.load(work / "bundle-int8"), "cpu", args.threads), trie, args.beams),
-    }
+    task = args.task
+    if task == "sequential":
+        constraint = trie.restrict
+    else:
+        constraint = lambda cands: Trie((tok.encode_target(item_target(i)), i) for i in cands).restrict()  # noqa: E731
+    item_tokens = max(len(tok.encode_target(item_target(i))) for i in data.items)
+    torch_rt = TorchRuntime(model, tok, args.device)
+    b = args.beams
+    runners = {"hf": hf(torch_rt, task, constraint, b)}
+    if task != "explanation":
+        runners["hf-plain"] = hf(torch_rt, task, constraint, b, constrained=False, item_tokens=item_tokens)
+    runners["torch"] = ours(torch_rt, task, constraint, b)
+    if task != "explanation":
+        runners["torch-allowed"] = ours(torch_rt, task, constraint, b, "allowed")
+    if args.device == "cpu":
+        fp32 = OnnxRuntime(Bundle.load(work / "bundle-none"), "cpu", args.threads)
+        int8 = OnnxRuntime(Bundle.load(work / "bundle-int8"), "cpu", args.threads)
+        runners["onnx-fp32"] = ours(fp32, task, constraint, b)
+        runners["onnx-int8"] = ours(int8, task, constraint, b)
+        if task != "explanation":
+            runners["onnx-fp32-allowed"] = ours(fp32, task, constraint, b, "allowed")
+            runners["onnx-int8-allowed"] = ours(int8, task, constraint, b, "allowed")
     t0, busy0, own0 = time.perf_counter(), busy_seconds(), time.process_time()
     lists, timings = time_requests(runners, requests, args.warmup, args.rounds)
     wall, busy1, own1 = time.perf_counter() - t0, busy_seconds(), time.process_time()
@@ -270,6 +325,10 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
     results = {key: summarize(t) for key, t in timings.items()}
     log(f"  [{preset}] timed in {wall:.0f} s")
     for key, r in results.items():
+        if key == "hf-plain":  # unconstrained: its outputs are not item lists
+            r["identical_top10_vs_hf"] = r["top10_overlap_vs_hf"] = float("nan")
+            r["speedup_vs_hf_p50"] = results["hf"]["p50_ms"] / r["p50_ms"]
+            continue
         pairs = list(zip(lists["hf"], lists[key]))
         r["identical_top10_vs_hf"] = sum(a == b for a, b in pairs) / len(pairs)
         r["top10_overlap_vs_hf"] = float(np.mean([len(set(a) & set(b)) / TOP for a, b in pairs]))
@@ -330,6 +389,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed requests in this many rounds of runtime blocks")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads for torch and ONNX (0: all cores)")
     ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: HF and PyTorch only")
+    ap.add_argument("--task", choices=["sequential", "topn", "explanation"], default="sequential")
+    ap.add_argument(
+        "--tokenizer",
+        default="auto",
+        help="SentencePiece model for the vocabulary: 'auto' = T5's (../shared/tokenizers/t5/spiece.model) when "
+        "present, as the REFERENCE anchors used; 'data' = the small one trained on the synthetic shop",
+    )
     ap.add_argument("--users", type=int, default=1000, help="synthetic shop size")
     ap.add_argument("--history-len", default="16,24", help="MIN,MAX purchases per user in the synthetic shop")
     ap.add_argument("--parity-users", type=int, default=4, help="users for the export's parity checks")
@@ -353,15 +420,29 @@ def main() -> None:
 def run(args, threads: int, shapes: list[str], history_len: tuple[int, int], tmp: Path) -> None:
     data_dir = tmp / "synth"
     data = make_data(data_dir, args.users, history_len, args.seed)
-    tok = tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp)), data, tmp)
+    spiece = None
+    if args.tokenizer == "auto":
+        found = [p / "shared/tokenizers/t5/spiece.model" for p in Path(__file__).resolve().parents]
+        spiece = next((str(p) for p in found if p.is_file()), None)
+    elif args.tokenizer != "data":
+        spiece = args.tokenizer
+    tok = tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp), tokenizer=spiece), data, tmp)
     users = random.Random(args.seed).sample(data.users, args.warmup + args.requests)
     requests = []
     for u in users:
-        history, _ = data.eval_example(u, "test")
-        requests.append((templates.fill("sequential", templates.BARE, u, history), history))
+        history, target = data.eval_example(u, "test")
+        if args.task == "sequential":
+            requests.append((templates.fill("sequential", templates.BARE, u, history), history))
+        elif args.task == "topn":
+            cands, _ = data.candidates(u, "test")
+            requests.append((templates.fill("topn", templates.BARE, u, cands), cands))
+        else:
+            requests.append((templates.fill("explanation", templates.BARE, u, [target]), None))
     timed_tokens = float(np.mean([len(tok.encode_input(text)[0]) for text, _ in requests[args.warmup :]]))
 
     device = f"CPU ({os.cpu_count()} cores, {threads} torch threads, {args.threads} ONNX Runtime threads)"
+    if args.device == "cuda":
+        device = f"{torch.cuda.get_device_name()} (fp32), host {device}"
     log(f"{device}; data {data_dir} (history {args.history_len}), {len(requests)} requests, work dir {tmp}")
     results = {}
     for preset in shapes:

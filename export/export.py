@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graphs import DecoderStepGraph, EncoderGraph
 from pod import templates
 from pod.atomic import write_dir_atomically
 from pod.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, file_entry, sha256
 from pod.dataset import PreparedData
 from pod.decoding import Trie, beam_search
+from pod.graphs import DecoderStepGraph, EncoderGraph, OutputGraph
 from pod.ids import item_target
 from pod.model import load_checkpoint, resolve_checkpoint
 from pod.tokenization import EOS_ID
@@ -82,7 +82,6 @@ def export_graphs(model, tasks: list[str], out: Path, opset: int) -> None:
     dtype = next(model.parameters()).dtype
     dec_args = (
         torch.tensor([0, 5, 6, 7]),
-        torch.tensor([0, 0, 1, 1]),
         torch.ones(2, s, dtype=torch.long),
         torch.randn(layers, 2, 2, heads, s, d_kv, dtype=dtype),
         torch.randn(layers, 2, 4, heads, 2, d_kv, dtype=dtype),
@@ -91,17 +90,35 @@ def export_graphs(model, tasks: list[str], out: Path, opset: int) -> None:
         DecoderStepGraph(model).eval(),
         dec_args,
         out / "decoder_step.onnx",
-        ["tokens", "request_index", "encoder_mask", "cross_kv", "past_kv"],
-        ["logits", "present_kv"],
+        ["tokens", "encoder_mask", "cross_kv", "past_kv"],
+        ["hidden", "present_kv"],
         {
             "tokens": {0: "rows"},
-            "request_index": {0: "rows"},
             "encoder_mask": {0: "batch", 1: "source"},
             "cross_kv": {2: "batch", 4: "source"},
             "past_kv": {2: "rows", 4: "steps"},
-            "logits": {0: "rows"},
+            "hidden": {0: "rows"},
             "present_kv": {2: "rows", 4: "steps_plus_one"},
         },
+        opset,
+    )
+    hidden = torch.randn(4, cfg.d_model, dtype=torch.float32)
+    _export(
+        OutputGraph(model).eval(),
+        (hidden, torch.tensor([1, 5, 9])),
+        out / "output_columns.onnx",
+        ["hidden", "columns"],
+        ["logits"],
+        {"hidden": {0: "rows"}, "columns": {0: "columns"}, "logits": {0: "rows", 1: "columns"}},
+        opset,
+    )
+    _export(
+        OutputGraph(model, full=True).eval(),
+        (hidden,),
+        out / "output_full.onnx",
+        ["hidden"],
+        ["logits"],
+        {"hidden": {0: "rows"}, "logits": {0: "rows"}},
         opset,
     )
 

@@ -3,7 +3,9 @@
 `bundle.json` lists every file with its SHA-256 and size; `Bundle.load` checks them all before anything is
 used, so a missing, truncated or tampered file stops start-up with a message naming it. No torch here.
 
-Files: `encoder_<task>.onnx` (one per task, prompts folded in), `decoder_step.onnx`, `spiece.model`,
+Files: `encoder_<task>.onnx` (one per task, prompts folded in), `decoder_step.onnx` (returns hidden states),
+`output_columns.onnx` / `output_full.onnx` (hidden states -> logits of the requested tokens / of all),
+`spiece.model`,
 `catalog.json` (raw <-> internal IDs and each item's target tokens, from which the prefix trie is built),
 `histories.txt` (`user item item ...`, the known sequences, for requests without a history).
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 from pod.decoding import Trie
 
 BUNDLE_FORMAT = "pod-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: decoder step returns hidden states; output_*.onnx project them
 
 
 class BundleError(ValueError):
@@ -56,10 +58,11 @@ class Bundle:
             manifest = json.loads(manifest_file.read_text())
         except json.JSONDecodeError as exc:
             raise BundleError(f"{manifest_file}: not valid JSON ({exc})") from None
-        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version", 0) > BUNDLE_VERSION:
+        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
             raise BundleError(
                 f"{manifest_file}: unsupported bundle format {manifest.get('format')!r} "
-                f"version {manifest.get('version')!r}"
+                f"version {manifest.get('version')!r} (this release reads version {BUNDLE_VERSION}; "
+                "re-run `pod export` on the checkpoint)"
             )
         if verify:
             for name, entry in manifest["files"].items():

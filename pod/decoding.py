@@ -32,8 +32,42 @@ _INIT = -1.0e9  # score of the not-yet-used beams before the first step (as Hugg
 
 class DecoderSession(Protocol):
     def step(self, tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
-        """Logits `(rows, vocab)` for `tokens` (rows,), after reordering state by `parents` (rows,)."""
+        """Logits `(rows, vocab)` for `tokens` (rows,), after reordering state by `parents` (rows,).
+
+        `rows` is `batch x w` for any `w` the search picks at that step (only live beams are sent), and
+        `parents[r]` is the row of the previous call that row `r` continues. A session may also offer
+        `step_columns(tokens, parents, columns, normalizer) -> (logits (rows, len(columns)), logsumexp
+        (rows,) or None)`, so a constrained search pays only for the tokens the trie allows.
+        """
         ...
+
+
+class ProjectedSession:
+    """A decoder session split in two: `advance` (the decoder, returns final hidden states) and `project`
+    (hidden -> logits of some token columns, plus the whole-vocabulary log-normalizer when asked).
+
+    The split is what lets a constrained search pay for a few hundred output columns instead of the full
+    vocabulary; runtimes (ONNX, PyTorch) implement the two halves on their own arrays.
+    """
+
+    def advance(self, tokens: np.ndarray, parents: np.ndarray | None):
+        raise NotImplementedError
+
+    def project(self, hidden, columns: np.ndarray | None, normalizer: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def step(self, tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+        return self.project(self.advance(tokens, parents), None, False)[0]
+
+    def step_columns(
+        self, tokens: np.ndarray, parents: np.ndarray | None, columns: np.ndarray | None, normalizer: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.project(self.advance(tokens, parents), columns, normalizer)
+
+
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1)
+    return m + np.log(np.exp(x - m[:, None]).sum(axis=-1))
 
 
 class Trie:
@@ -117,10 +151,20 @@ def beam_search(
     length_penalty: float = 1.0,
     min_new_tokens: int = 0,
     num_return: int | None = None,
+    normalize: str = "exact",
 ) -> list[list[Hypothesis]]:
-    """Best hypotheses per batch row, best first (at most `num_return`, default `num_beams`)."""
+    """Best hypotheses per batch row, best first (at most `num_return`, default `num_beams`).
+
+    `normalize="exact"` scores tokens by the model's log-softmax over the whole vocabulary (Hugging Face's
+    semantics). `normalize="allowed"` (constrained rows only) renormalizes over the tokens the trie allows:
+    an item's score is its log-probability under the model conditioned on producing a valid item, a token
+    with no alternative is free, and a final step where every live beam can only end is never computed.
+    Either way the session computes only live beams, and only the allowed tokens' logits (when it can).
+    """
     if num_beams % num_groups:
         raise ValueError(f"num_beams ({num_beams}) must be a multiple of num_groups ({num_groups})")
+    if normalize not in ("exact", "allowed"):
+        raise ValueError(f"normalize must be 'exact' or 'allowed', not {normalize!r}")
     gs = num_beams // num_groups
     rows = batch_size * num_beams
     num_return = num_return or num_beams
@@ -129,25 +173,53 @@ def beam_search(
     seqs: list[tuple[int, ...]] = [()] * rows
     nodes = np.zeros(rows, dtype=np.int64)  # trie node per beam (0 = root)
     tokens = np.full(rows, start_id, dtype=np.int64)
-    parents: np.ndarray | None = None
+    parents = np.zeros(rows, dtype=np.int64)
+    sent = None  # rows (in beam space) sent to the session at the previous call, in its order
     finished: list[list[list[Hypothesis]]] = [[[] for _ in range(num_groups)] for _ in range(batch_size)]
     open_rows = np.ones((batch_size, num_groups), dtype=bool)  # improvement still possible
     cons = list(constraints) if constraints is not None else [None] * batch_size
+    constrained = all(c is not None for c in cons)
+    renormalize = normalize == "allowed" and constrained
 
     for step in range(max_new_tokens):
-        logp = log_softmax(session.step(tokens, parents))
-        vocab = logp.shape[1]
-        if step < min_new_tokens:
-            logp[:, eos_id] = NEG_INF
-        for b, con in enumerate(cons):
-            if con is None:
-                continue
-            for r in range(b * num_beams, (b + 1) * num_beams):
-                allowed = con.allowed(int(nodes[r])) if nodes[r] >= 0 else []
-                keep = logp[r, [t for t, _ in allowed]] if allowed else None
-                logp[r] = NEG_INF
-                if allowed:
-                    logp[r, [t for t, _ in allowed]] = keep
+        live = scores.reshape(-1) > _INIT / 2
+        allowed = [
+            (cons[r // num_beams].allowed(int(nodes[r])) if nodes[r] >= 0 else []) if constrained and live[r] else None
+            for r in range(rows)
+        ]
+        columns = None
+        if constrained:
+            columns = np.array(sorted({t for a in allowed if a for t, _ in a}), dtype=np.int64)
+            if columns.size == 0:
+                break
+        # Send the session only the live beams: `w` per request (the most any request has), padded by repeats.
+        width = max(1, int(live.reshape(batch_size, num_beams).sum(1).max()))
+        order = np.argsort(~live.reshape(batch_size, num_beams), axis=1, kind="stable")[:, :width]
+        counts = live.reshape(batch_size, num_beams).sum(1)
+        order = np.where(np.arange(width)[None, :] < np.maximum(counts, 1)[:, None], order, order[:, :1])
+        send = (order + np.arange(batch_size)[:, None] * num_beams).reshape(-1)
+        if renormalize and columns.size == 1 and columns[0] == eos_id:
+            logp_sent = np.zeros((send.size, 1), dtype=np.float32)  # every live beam can only end: nothing to compute
+        else:
+            src = None if sent is None else _position(sent, parents[send])
+            logits, lse = _step(session, tokens[send], src, columns, not renormalize)
+            logp_sent = logits if renormalize else logits - lse[:, None]
+            sent = send
+        vocab = logp_sent.shape[1]
+        logp = np.full((rows, vocab), NEG_INF, dtype=np.float32)
+        use = live[send]
+        logp[send[use]] = logp_sent[use]
+        eos_col = _column(columns, eos_id)
+        if step < min_new_tokens and eos_col is not None:
+            logp[:, eos_col] = NEG_INF
+        if constrained:
+            for r in np.flatnonzero(live):
+                keep = [_column(columns, t) for t, _ in allowed[r]]
+                row = np.full(vocab, NEG_INF, dtype=np.float32)
+                row[keep] = logp[r, keep]
+                if renormalize:
+                    row[keep] = log_softmax(row[keep][None])[0]
+                logp[r] = row
         last = step + 1 == max_new_tokens
         new_tokens = np.zeros(rows, dtype=np.int64)
         new_parents = np.zeros(rows, dtype=np.int64)
@@ -161,8 +233,8 @@ def beam_search(
                 lo = b * num_beams + g * gs
                 group_logp = logp[lo : lo + gs]
                 if diversity_penalty and chosen_this_step:
-                    counts = np.bincount(chosen_this_step, minlength=vocab).astype(np.float32)
-                    group_logp = group_logp - diversity_penalty * counts[None, :]
+                    counts_v = np.bincount(chosen_this_step, minlength=vocab).astype(np.float32)
+                    group_logp = group_logp - diversity_penalty * counts_v[None, :]
                 acc = (group_logp + scores[b, g * gs : (g + 1) * gs, None]).reshape(-1)
                 k = min(2 * gs, acc.size)
                 top = np.argpartition(-acc, k - 1)[:k]
@@ -173,13 +245,14 @@ def beam_search(
                     score = float(acc[idx])
                     if score <= _INIT / 2:  # masked, or from a beam that was never live
                         break
-                    beam, tok = divmod(int(idx), vocab)
-                    src = lo + beam
+                    beam, col = divmod(int(idx), vocab)
+                    tok = col if columns is None else int(columns[col])
+                    src_row = lo + beam
                     if tok == eos_id or last:
                         if rank >= gs or not open_rows[b, g]:
                             continue
-                        seq = seqs[src] + (tok,)
-                        node = _advance(cons[b], int(nodes[src]), tok)
+                        seq = seqs[src_row] + (tok,)
+                        node = _advance(cons[b], int(nodes[src_row]), tok)
                         value = cons[b].trie.value.get(node) if cons[b] is not None and node >= 0 else None
                         if cons[b] is not None and tok != eos_id:
                             continue  # an unfinished item is no item
@@ -193,11 +266,11 @@ def beam_search(
                     any_continues = True
                     if n_live < gs:
                         dst = lo + n_live
-                        new_tokens[dst], new_parents[dst] = tok, src
+                        new_tokens[dst], new_parents[dst] = tok, src_row
                         new_scores[b, g * gs + n_live] = score
-                        new_seqs[dst] = seqs[src] + (tok,)
-                        new_nodes[dst] = _advance(cons[b], int(nodes[src]), tok)
-                        chosen_this_step.append(tok)
+                        new_seqs[dst] = seqs[src_row] + (tok,)
+                        new_nodes[dst] = _advance(cons[b], int(nodes[src_row]), tok)
+                        chosen_this_step.append(col)
                         n_live += 1
                 for dead in range(n_live, gs):  # fewer live continuations than beams (constraints)
                     new_parents[lo + dead] = lo
@@ -217,6 +290,30 @@ def beam_search(
         hyps.sort(reverse=True)
         out.append(hyps[:num_return])
     return out
+
+
+def _step(
+    session: DecoderSession, tokens: np.ndarray, parents: np.ndarray | None, columns: np.ndarray | None, lse: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of `columns` (all when None) and, when asked, the log-normalizer over the whole vocabulary."""
+    if hasattr(session, "step_columns"):
+        return session.step_columns(tokens, parents, columns, lse)
+    full = session.step(tokens, parents).astype(np.float32, copy=False)
+    return (full if columns is None else full[:, columns]), (logsumexp(full) if lse else None)
+
+
+def _position(sent: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Where each wanted beam-space row sits in the previous call's `sent` order."""
+    where = np.zeros(int(max(sent.max(), wanted.max())) + 1, dtype=np.int64)  # padding rows may point anywhere
+    where[sent[::-1]] = np.arange(len(sent))[::-1]  # first occurrence wins (padding repeats come later)
+    return where[wanted]
+
+
+def _column(columns: np.ndarray | None, token: int) -> int | None:
+    if columns is None:
+        return token
+    i = int(np.searchsorted(columns, token))
+    return i if i < len(columns) and columns[i] == token else None
 
 
 def _advance(con: Constraint | None, node: int, tok: int) -> int:

@@ -1,4 +1,4 @@
-"""The ONNX Runtime path: bundle encoders and the decoder step behind `pod.decoding`'s session interface.
+"""The ONNX Runtime path: bundle encoders, decoder step and output projection behind `pod.decoding`'s session.
 
 No torch import: a slim serving install needs only onnxruntime, numpy and sentencepiece. The CUDA provider
 is used when onnxruntime-gpu offers it, the CPU provider otherwise (or as configured); the choice is logged.
@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pod.bundle import Bundle
+from pod.decoding import ProjectedSession, logsumexp
 from pod.tokenization import Tokenizer
 
 log = logging.getLogger("pod.onnx")
@@ -28,29 +29,36 @@ def pick_providers(requested: str = "auto") -> list[str]:
     return [want]
 
 
-class OnnxSession:
-    def __init__(self, runtime: OnnxRuntime, cross_kv: np.ndarray, mask: np.ndarray, num_beams: int) -> None:
+class OnnxSession(ProjectedSession):
+    def __init__(self, runtime: OnnxRuntime, cross_kv: np.ndarray, mask: np.ndarray) -> None:
         self.rt = runtime
         self.cross_kv, self.mask = cross_kv, mask
-        b = mask.shape[0]
-        self.request_index = np.repeat(np.arange(b, dtype=np.int64), num_beams)
-        layers, _, _, heads, _, d_kv = cross_kv.shape
-        self.past = np.zeros((layers, 2, b * num_beams, heads, 0, d_kv), dtype=cross_kv.dtype)
+        self.past: np.ndarray | None = None
 
-    def step(self, tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
-        if parents is not None:
+    def advance(self, tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+        if self.past is None or parents is None:
+            layers, _, _, heads, _, d_kv = self.cross_kv.shape
+            self.past = np.zeros((layers, 2, len(tokens), heads, 0, d_kv), dtype=self.cross_kv.dtype)
+        else:
             self.past = self.past[:, :, parents]
-        logits, self.past = self.rt.decoder.run(
+        hidden, self.past = self.rt.decoder.run(
             None,
             {
-                "tokens": tokens.astype(np.int64),
-                "request_index": self.request_index,
+                "tokens": tokens.astype(np.int64, copy=False),
                 "encoder_mask": self.mask,
                 "cross_kv": self.cross_kv,
                 "past_kv": self.past,
             },
         )
-        return logits
+        return hidden
+
+    def project(
+        self, hidden: np.ndarray, columns: np.ndarray | None, normalizer: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if columns is not None and not normalizer:
+            return self.rt.output_columns.run(None, {"hidden": hidden, "columns": columns})[0], None
+        full = self.rt.output_full.run(None, {"hidden": hidden})[0]
+        return (full if columns is None else full[:, columns]), (logsumexp(full) if normalizer else None)
 
 
 class OnnxRuntime:
@@ -69,10 +77,15 @@ class OnnxRuntime:
 
         self.encoders = {t: session(f"encoder_{t}.onnx") for t in bundle.manifest["tasks"]}
         self.decoder = session("decoder_step.onnx")
+        self.output_columns = session("output_columns.onnx")
+        self.output_full = session("output_full.onnx")
 
-    def start(self, task: str, texts: list[str], num_beams: int) -> OnnxSession:
-        """Encode once per request (cross-attention keys/values included); beams share them."""
+    def start(self, task: str, texts: list[str], num_beams: int = 0) -> OnnxSession:
+        """Encode once per request (cross-attention keys/values included); beams share them.
+
+        `num_beams` is accepted for interface compatibility: the session serves any number of rows per request.
+        """
         if task not in self.encoders:
             raise ValueError(f"this bundle has no {task!r} encoder (tasks: {', '.join(self.encoders)})")
         cross_kv, mask = self.encoders[task].run(None, self.tokenizer.encode_batch(texts))
-        return OnnxSession(self, cross_kv, mask, num_beams)
+        return OnnxSession(self, cross_kv, mask)

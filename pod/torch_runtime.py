@@ -1,25 +1,20 @@
-"""The PyTorch runtime: encoder once per request, then decoder steps with a KV cache, for `pod.decoding`.
+"""The PyTorch runtime: the same encoder and decoder-step graphs the ONNX export writes, run eagerly.
 
-It knows the model and tensors, nothing of HTTP or of how beams are chosen: `start()` encodes a batch and
-returns a session whose `step()` the beam search calls with NumPy arrays.
+It knows the model and tensors, nothing of HTTP or of how beams are chosen: `start()` encodes a batch once
+(cross-attention keys/values included, one copy per request) and returns a session whose `advance()` and
+`project()` the beam search drives with NumPy arrays. Logits of only the requested columns, and the
+log-normalizer, are computed on the model's device, so a GPU never ships a full vocabulary row to the host.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
-from transformers import T5ForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from pod.decoding import ProjectedSession
+from pod.graphs import DecoderStepGraph, EncoderGraph
 from pod.model import PODModel
 from pod.tokenization import Tokenizer
-
-# transformers 5.2x renamed the decoder's `past_key_values` argument to `cache`; accept both releases
-_CACHE_ARG = (
-    "cache" if "cache" in inspect.signature(T5ForConditionalGeneration.forward).parameters else ("past_key_values")
-)
 
 
 def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -27,26 +22,38 @@ def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch.Tens
     return {k: torch.from_numpy(v) for k, v in tokenizer.encode_batch(texts).items()}
 
 
-class TorchSession:
-    def __init__(self, model: PODModel, hidden: torch.Tensor, mask: torch.Tensor, autocast) -> None:
-        self.model, self.hidden, self.mask, self.autocast = model, hidden, mask, autocast
-        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+class TorchSession(ProjectedSession):
+    def __init__(self, rt: TorchRuntime, cross_kv: torch.Tensor, mask: torch.Tensor) -> None:
+        self.rt, self.cross_kv, self.mask = rt, cross_kv, mask
+        self.past: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def step(self, tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
-        device = self.hidden.device
-        if parents is not None:
-            self.cache.reorder_cache(torch.as_tensor(parents, device=device))
-        dec = torch.as_tensor(tokens, device=device).view(-1, 1)
-        with self.autocast():
-            out = self.model.t5(
-                encoder_outputs=(self.hidden,),
-                attention_mask=self.mask,
-                decoder_input_ids=dec,
-                use_cache=True,
-                **{_CACHE_ARG: self.cache},
+    def advance(self, tokens: np.ndarray, parents: np.ndarray | None) -> torch.Tensor:
+        device = self.cross_kv.device
+        if self.past is None or parents is None:
+            layers, _, _, heads, _, d_kv = self.cross_kv.shape
+            self.past = self.cross_kv.new_zeros(layers, 2, len(tokens), heads, 0, d_kv)
+        else:
+            self.past = self.past.index_select(2, torch.as_tensor(parents, device=device))
+        with self.rt.autocast():
+            hidden, self.past = self.rt.decoder(
+                torch.as_tensor(tokens, device=device), self.mask, self.cross_kv, self.past
             )
-        return out.logits[:, -1].float().cpu().numpy()
+        return hidden
+
+    @torch.inference_mode()
+    def project(
+        self, hidden: torch.Tensor, columns: np.ndarray | None, normalizer: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        weight = self.rt.model.t5.lm_head.weight
+        if columns is not None and not normalizer:
+            cols = torch.as_tensor(columns, device=hidden.device)
+            return (hidden.to(weight.dtype) @ weight.index_select(0, cols).t()).float().cpu().numpy(), None
+        full = (hidden.to(weight.dtype) @ weight.t()).float()
+        lse = torch.logsumexp(full, dim=-1).cpu().numpy() if normalizer else None
+        if columns is not None:
+            full = full.index_select(1, torch.as_tensor(columns, device=full.device))
+        return full.cpu().numpy(), lse
 
 
 class TorchRuntime:
@@ -57,17 +64,22 @@ class TorchRuntime:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"
+        self.decoder = DecoderStepGraph(self.model).eval()
+        self._encoders: dict[tuple[str, bool], EncoderGraph] = {}
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.inference_mode()
-    def start(self, task: str, texts: list[str], num_beams: int, use_prompts: bool = True) -> TorchSession:
-        """Encode once per request; every beam of a row shares its encoder output."""
+    def start(self, task: str, texts: list[str], num_beams: int = 0, use_prompts: bool = True) -> TorchSession:
+        """Encode once per request; every beam of a request shares its cross-attention keys/values.
+
+        `num_beams` is accepted for interface compatibility: the session serves any number of rows per request.
+        """
+        key = (task, use_prompts)
+        if key not in self._encoders:
+            self._encoders[key] = EncoderGraph(self.model, task, use_prompts).eval()
         batch = {k: v.to(self.device) for k, v in encode_batch(self.tokenizer, texts).items()}
-        task_index = torch.full((len(texts),), self.model.config.task_index(task), device=self.device)
         with self.autocast():
-            embeds, mask = self.model.embed(task_index, **batch, use_prompts=use_prompts)
-            hidden = self.model.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        index = torch.arange(len(texts), device=self.device).repeat_interleave(num_beams)
-        return TorchSession(self.model, hidden[index], mask[index], self.autocast)
+            cross_kv, mask = self._encoders[key](batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"])
+        return TorchSession(self, cross_kv, mask)

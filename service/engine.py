@@ -84,6 +84,7 @@ class Engine:
         explanation_beams: int = 21,
         explanation_groups: int = 3,
         diversity_penalty: float = 0.0,
+        normalizer: str = "exact",
     ) -> None:
         self.runtime = runtime
         self.catalog = catalog
@@ -91,6 +92,7 @@ class Engine:
         self.explanation_beams = explanation_beams
         self.explanation_groups = explanation_groups
         self.diversity_penalty = diversity_penalty
+        self.normalizer = normalizer
         self.max_item_tokens = max(len(t) for t in catalog.item_tokens.values())
 
     @property
@@ -106,7 +108,14 @@ class Engine:
         cons = [self.catalog.trie.restrict(set(j.history) | set(j.exclude)) for j in jobs]
         session = self.runtime.start("sequential", texts, self.beams)
         hyps = beam_search(
-            session, len(jobs), self.beams, self.max_item_tokens, EOS_ID, constraints=cons, length_penalty=0.0
+            session,
+            len(jobs),
+            self.beams,
+            self.max_item_tokens,
+            EOS_ID,
+            constraints=cons,
+            length_penalty=0.0,
+            normalize=self.normalizer,
         )
         return [
             Ranked([(h.value, h.logprob) for h in row][: j.k], sum(len(h.tokens) for h in row))
@@ -121,7 +130,14 @@ class Engine:
             cons = [Trie((self.catalog.item_tokens[i], i) for i in jobs[n].candidates).restrict() for n in beam_jobs]
             session = self.runtime.start("topn", texts, self.beams)
             hyps = beam_search(
-                session, len(beam_jobs), self.beams, self.max_item_tokens, EOS_ID, constraints=cons, length_penalty=0.0
+                session,
+                len(beam_jobs),
+                self.beams,
+                self.max_item_tokens,
+                EOS_ID,
+                constraints=cons,
+                length_penalty=0.0,
+                normalize=self.normalizer,
             )
             for n, row in zip(beam_jobs, hyps):
                 out[n] = Ranked([(h.value, h.logprob) for h in row][: jobs[n].k], sum(len(h.tokens) for h in row))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from pod.decoding import Trie, beam_search, log_softmax
-from pod.torch_runtime import _CACHE_ARG
 
 EOS = 1
+# transformers 5.2x renamed the decoder's `past_key_values` argument to `cache`; accept both releases
+_FORWARD_ARGS = inspect.signature(T5ForConditionalGeneration.forward).parameters
+_CACHE_ARG = "cache" if "cache" in _FORWARD_ARGS else "past_key_values"
 
 
 class HFStep:
@@ -23,16 +26,16 @@ class HFStep:
 
     def __init__(self, model, input_ids, beams):
         self.model = model
-        hidden = model.get_encoder()(input_ids=input_ids).last_hidden_state
-        self.hidden = hidden[torch.arange(len(input_ids)).repeat_interleave(beams)]
+        self.hidden = model.get_encoder()(input_ids=input_ids).last_hidden_state
         self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
 
     @torch.no_grad()
     def step(self, tokens, parents):
         if parents is not None:
             self.cache.reorder_cache(torch.as_tensor(parents))
+        per_request = len(tokens) // len(self.hidden)  # the search sends only live beams: any count per request
         out = self.model(
-            encoder_outputs=(self.hidden,),
+            encoder_outputs=(self.hidden.repeat_interleave(per_request, 0),),
             decoder_input_ids=torch.as_tensor(tokens)[:, None],
             use_cache=True,
             **{_CACHE_ARG: self.cache},
@@ -103,7 +106,9 @@ class HashStep:
         self.vocab, self.seed = vocab, seed
 
     def step(self, tokens, parents):
-        if parents is not None:
+        if parents is None:
+            self.prefixes = [()] * len(tokens)
+        else:
             self.prefixes = [self.prefixes[p] + (int(t),) for p, t in zip(parents, tokens)]
         return np.stack([self.logits(p) for p in self.prefixes])
 
@@ -167,3 +172,54 @@ def test_min_new_tokens_and_validation():
     assert all(len(h.tokens) >= 5 or EOS not in h.tokens for h in hyps)
     with pytest.raises(ValueError, match="multiple"):
         beam_search(HashStep(4, 12, 1), 1, 4, 3, eos_id=EOS, num_groups=3)
+
+
+class CountingStep(HashStep):
+    """HashStep that records how many rows each call computed."""
+
+    def __init__(self, vocab, seed):
+        super().__init__(0, vocab, seed)
+        self.rows = []
+
+    def step(self, tokens, parents):
+        self.rows.append(len(tokens))
+        return super().step(tokens, parents)
+
+
+def test_only_live_beams_are_computed():
+    # every item starts with the same two tokens: the search sends one row per request until it branches
+    items = {(5, 6, a, b, EOS): 10 * a + b for a in range(2, 5) for b in range(7, 12)}
+    trie = Trie((list(s), v) for s, v in items.items())
+    step = CountingStep(12, 2)
+    hyps = beam_search(step, 2, 8, 8, eos_id=EOS, constraints=[trie.restrict(), trie.restrict([27])], length_penalty=0)
+    assert step.rows[:3] == [2, 2, 2]  # root, after 5, after 5 6: one live beam per request
+    assert max(step.rows) <= 2 * 8
+    assert len(hyps[0]) == 8 and 27 not in [h.value for h in hyps[1]]
+
+
+def test_allowed_normalizer_renormalizes_over_the_trie_and_skips_forced_ends():
+    items = {(5, 6, a, b, EOS): 10 * a + b for a in range(2, 5) for b in range(7, 12)}
+    trie = Trie((list(s), v) for s, v in items.items())
+    exact_step, allowed_step = CountingStep(12, 4), CountingStep(12, 4)
+    beam_search(exact_step, 1, 20, 8, eos_id=EOS, constraints=[trie.restrict()], length_penalty=0)
+    hyps = beam_search(
+        allowed_step, 1, 20, 8, eos_id=EOS, constraints=[trie.restrict()], length_penalty=0, normalize="allowed"
+    )[0]
+    assert len(allowed_step.rows) == len(exact_step.rows) - 1  # the EOS-only last step costs nothing
+    assert len(hyps) == 15 and len({h.value for h in hyps}) == 15
+
+    def renormalized(seq):
+        total, node = 0.0, 0
+        for i, tok in enumerate(seq):
+            allowed = sorted(trie.children[node])
+            logits = allowed_step.logits(seq[:i])[allowed]
+            total += float(log_softmax(logits[None])[0][allowed.index(tok)])
+            node = trie.children[node][tok]
+        return total
+
+    for h in hyps:
+        assert h.logprob == pytest.approx(renormalized(h.tokens), abs=1e-4)
+    # with beams >= items, both normalizers rank the same 15 items; the allowed one sums to probability 1
+    assert sum(np.exp(h.logprob) for h in hyps) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="normalize"):
+        beam_search(HashStep(4, 12, 1), 1, 4, 3, eos_id=EOS, normalize="nope")

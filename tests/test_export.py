@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from export.export import ParityError, export_bundle, top_lists
+from pod import templates
 from pod.bundle import Bundle, BundleError
 from pod.dataset import PreparedData
+from pod.decoding import beam_search
 from pod.model import load_checkpoint
 from pod.onnx_runtime import OnnxRuntime
+from pod.tokenization import EOS_ID
 from pod.torch_runtime import TorchRuntime
 from tests.conftest import ROOT
 
@@ -52,6 +55,26 @@ def test_onnx_beam_search_ranks_like_pytorch(exported_bundle, trained_sequential
         assert top_lists(onnx_rt, data, users, task, trie, tok, 20) == top_lists(
             torch_rt, data, users, task, trie, tok, 20
         )
+    # the allowed-token normalizer (output columns only, forced end skipped) agrees across runtimes too
+    texts = [templates.fill("sequential", templates.BARE, u, data.eval_example(u, "test")[0]) for u in users]
+    cons = [trie.restrict(data.eval_example(u, "test")[0]) for u in users]
+    lists = [
+        [
+            [h.value for h in row]
+            for row in beam_search(
+                rt.start("sequential", texts),
+                len(users),
+                20,
+                16,
+                EOS_ID,
+                constraints=cons,
+                length_penalty=0.0,
+                normalize="allowed",
+            )
+        ]
+        for rt in (onnx_rt, torch_rt)
+    ]
+    assert lists[0] == lists[1] and all(len(row) == 20 for row in lists[0])
 
 
 @pytest.mark.parametrize("batch,length", [(1, 3), (4, 11), (7, 25)])

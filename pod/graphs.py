@@ -7,7 +7,13 @@ self-attention over the cached keys/values, cross-attention over the request's c
 of a request share them through `request_index`), and the relative position bias looked up from a table.
 
 Layouts: `cross_kv` is `[layers, 2, batch, heads, source_len, d_kv]`, `past_kv` and `present_kv` are
-`[layers, 2, rows, heads, steps, d_kv]` (rows = batch x beams).
+`[layers, 2, rows, heads, steps, d_kv]` with rows = batch x w, request-major (w = the live beams the search
+sends at that step, any number). Cross-attention treats a request's w beams as w queries against its one
+copy of the keys/values (a batched matmul), so nothing is gathered or copied per beam.
+
+The decoder step returns the final hidden state, not logits: `OutputGraph` projects it onto just the tokens
+a constrained search asks for (the trie allows a few hundred of 32k), or onto all of them when an exact
+normalizer is needed.
 """
 
 from __future__ import annotations
@@ -38,14 +44,15 @@ def _bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torc
 
 
 class EncoderGraph(nn.Module):
-    def __init__(self, model: PODModel, task: str) -> None:
+    def __init__(self, model: PODModel, task: str, use_prompts: bool = True) -> None:
         super().__init__()
         self.model = model
         self.task = model.config.task_index(task)
+        self.use_prompts = use_prompts
 
     def forward(self, input_ids, whole_word_ids, attention_mask):
         task_index = torch.full_like(input_ids[:, 0], self.task)
-        embeds, mask = self.model.embed(task_index, input_ids, whole_word_ids, attention_mask)
+        embeds, mask = self.model.embed(task_index, input_ids, whole_word_ids, attention_mask, self.use_prompts)
         hidden = self.model.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         cfg = self.model.t5.config
         b, s, _ = hidden.shape
@@ -78,15 +85,15 @@ class DecoderStepGraph(nn.Module):
         )
         self.register_buffer("position_bias", rel(buckets).detach().clone(), persistent=False)  # [MAX_STEPS, H]
 
-    def forward(self, tokens, request_index, encoder_mask, cross_kv, past_kv):
+    def forward(self, tokens, encoder_mask, cross_kv, past_kv):
         n = tokens.shape[0]
+        b = cross_kv.shape[2]
+        w = n // b  # rows per request
         steps = past_kv.shape[4]  # tokens already decoded
         x = self.t5.get_decoder().embed_tokens(tokens).unsqueeze(1)  # [N, 1, d]
         distance = steps - torch.arange(steps + 1, device=tokens.device)  # query position minus key positions
         self_bias = self.position_bias[distance].transpose(0, 1).unsqueeze(0).unsqueeze(2)  # [1, H, 1, T+1]
-        cross = cross_kv.index_select(2, request_index)  # [L, 2, N, H, S, dkv]
-        mask = encoder_mask.index_select(0, request_index)
-        cross_bias = ((1.0 - mask.to(x.dtype)) * torch.finfo(x.dtype).min)[:, None, None, :]
+        cross_bias = ((1.0 - encoder_mask.to(x.dtype)) * torch.finfo(x.dtype).min)[:, None, None, :]  # [B,1,1,S]
         present = []
         for i, block in enumerate(self.t5.get_decoder().block):
             sa = block.layer[0].SelfAttention
@@ -95,16 +102,34 @@ class DecoderStepGraph(nn.Module):
             k = torch.cat([past_kv[i, 0], sa.k(h).view(n, 1, self.heads, self.d_kv).transpose(1, 2)], dim=2)
             v = torch.cat([past_kv[i, 1], sa.v(h).view(n, 1, self.heads, self.d_kv).transpose(1, 2)], dim=2)
             present.append(torch.stack([k, v]))
-            w = torch.softmax((q @ k.transpose(-1, -2) + self_bias).float(), dim=-1).to(q.dtype)
-            x = x + sa.o((w @ v).transpose(1, 2).reshape(n, 1, -1))
+            a = torch.softmax((q @ k.transpose(-1, -2) + self_bias).float(), dim=-1).to(q.dtype)
+            x = x + sa.o((a @ v).transpose(1, 2).reshape(n, 1, -1))
             ca = block.layer[1].EncDecAttention
             h = _rms(block.layer[1].layer_norm, x)
-            q = ca.q(h).view(n, 1, self.heads, self.d_kv).transpose(1, 2)
-            w = torch.softmax((q @ cross[i, 0].transpose(-1, -2) + cross_bias).float(), dim=-1).to(q.dtype)
-            x = x + ca.o((w @ cross[i, 1]).transpose(1, 2).reshape(n, 1, -1))
+            q = ca.q(h).view(b, w, self.heads, self.d_kv).transpose(1, 2)  # a request's beams are its queries
+            a = torch.softmax((q @ cross_kv[i, 0].transpose(-1, -2) + cross_bias).float(), dim=-1).to(q.dtype)
+            x = x + ca.o((a @ cross_kv[i, 1]).transpose(1, 2).reshape(n, 1, -1))
             ff = block.layer[2]
             x = x + ff.DenseReluDense(_rms(ff.layer_norm, x))
         x = _rms(self.t5.get_decoder().final_layer_norm, x)[:, 0]
         if self.scale_output:
             x = x * self.d_model**-0.5
-        return self.t5.lm_head(x).float(), torch.stack(present)
+        return x.float(), torch.stack(present)
+
+
+class OutputGraph(nn.Module):
+    """Logits of the requested token columns (`hidden @ W[columns].T`), or of the whole vocabulary.
+
+    Two graphs, not one with a switch: ONNX Runtime runs every node of a graph whatever outputs are asked
+    for, and gathering all 32k rows to emulate the full product costs three times the product itself.
+    """
+
+    def __init__(self, model: PODModel, full: bool = False) -> None:
+        super().__init__()
+        self.weight = model.t5.lm_head.weight
+        self.full = full
+
+    def forward(self, hidden, columns=None):
+        if self.full:
+            return hidden.to(self.weight.dtype) @ self.weight.t()
+        return hidden.to(self.weight.dtype) @ self.weight.index_select(0, columns).t()
