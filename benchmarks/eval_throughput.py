@@ -163,14 +163,16 @@ def main() -> None:
         model = build_model(tok, args.preset)
     runtime = TorchRuntime(model, tok, dev, bf16=dev == "cuda")
     users = data.users[: args.users] if args.users else data.users
-    histories, texts = [], []
+    histories, texts, targets = [], [], []
     for u in users:
-        h, _ = data.eval_example(u, "test")
+        h, target = data.eval_example(u, "test")
         histories.append(h)
+        targets.append(target)
         texts.append(templates.fill("sequential", templates.BARE, u, h))
     order = sorted(range(len(users)), key=lambda i: len(texts[i]))
     texts = [texts[i] for i in order]
     histories = [histories[i] for i in order]
+    targets = [targets[i] for i in order]
     trie = item_trie(tok, data.items)
     hf_batch = args.hf_batch_size or args.batch_size
     runners = {
@@ -194,15 +196,19 @@ def main() -> None:
     ref = lists["HF generate + prefix_allowed_tokens_fn"]
     same = {name: sum(x == y for x, y in zip(ref, got)) / len(ref) for name, got in lists.items() if got is not None}
     base = timings["HF generate + prefix_allowed_tokens_fn"]
+    hits = {
+        name: sum(t in got[:TOP] for t, got in zip(targets, lst)) / len(targets) for name, lst in lists.items() if lst
+    }
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"device {device_name}; {len(texts)} users, {args.beams} beams, batch {args.batch_size}, "
         f"model d_model={model.config.t5['d_model']}, vocab {tok.vocab_size}"
     )
-    print(f"{'runner':<44} {'users/s':>9} {'top-10 = HF constrained':>24} {'ratio vs HF constrained':>24}")
+    print(f"{'runner':<44} {'users/s':>9} {'HR@10':>6} {'top-10 = HF constrained':>24} {'ratio vs HF constrained':>24}")
     for name, v in timings.items():
         agree = f"{100 * same[name]:.1f}%" if name in same else "n/a (no items)"
-        print(f"{name:<44} {v:>9.1f} {agree:>24} {v / base:>23.2f}x")
+        hr = f"{hits[name]:.3f}" if name in hits else "-"
+        print(f"{name:<44} {v:>9.1f} {hr:>6} {agree:>24} {v / base:>23.2f}x")
     if args.out:
         Path(args.out).write_text(
             json.dumps(
@@ -215,6 +221,7 @@ def main() -> None:
                     "vocab": tok.vocab_size,
                     "users_per_s": timings,
                     "identical_top10_vs_hf_constrained": same,
+                    "hr_at_10": hits,
                     "ratio_vs_hf_constrained": {name: v / base for name, v in timings.items()},
                 },
                 indent=2,

@@ -31,6 +31,8 @@ def test_bundle_manifest_and_parity_report(exported_bundle):
         "encoder_sequential.onnx",
         "encoder_topn.onnx",
         "decoder_step.onnx",
+        "output_columns.onnx",
+        "output_full.onnx",
         "spiece.model",
         "catalog.json",
         "histories.txt",
