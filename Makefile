@@ -6,7 +6,7 @@ RUN ?= runs/demo
 PORT ?= 8000
 DATA ?= data/synthetic
 
-.PHONY: setup demo test test-slow lint format clean
+.PHONY: setup demo test test-slow reliability audit lint format clean
 
 $(BIN)/pod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The long reliability checks (fuzzing, 60 s overload, SIGTERM under load, faults); see RELIABILITY.md.
+# Uses $(RUN)/bundle when `make demo` wrote one, else builds a small one first.
+reliability: setup
+	$(BIN)/python -m reliability.run_all --out reliability/results $(if $(wildcard $(RUN)/bundle/bundle.json),--bundle $(RUN)/bundle,)
+
+# Known vulnerabilities in the installed dependencies (needs the vulnerability service reachable).
+audit: setup
+	$(BIN)/pip install -q pip-audit
+	$(BIN)/pip-audit --strict --progress-spinner off  # --strict: a package it could not check fails the audit
 
 # Load test a running server (`make demo` in another shell, or `docker compose up`); reports in $(RUN)/loadtest,
 # exit 1 when the SLO is missed. Override e.g. `make loadtest LT_USERS=32 LT_TIME=5m LT_SLO="--max-p99-ms 500"`.

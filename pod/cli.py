@@ -44,6 +44,11 @@ def _train(args: argparse.Namespace) -> None:
         cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.no_progress:
         cfg.progress = False
+    state = Path(args.out) / "last" / "training_state.json"
+    if args.resume and args.epochs is None and state.is_file():
+        # `train` takes the epoch count from `cfg` on resume (to allow extending a run); without --epochs that
+        # was the default, 10, which also stretched the LR schedule: a resumed 2-epoch run went on to 10
+        cfg.epochs = json.loads(state.read_text())["progress"]["config"]["epochs"]
     summary = train(cfg, resume=args.resume)
     if summary.get("best_val") is not None:
         print(f"best validation loss {summary['best_val']:.4f}; checkpoint: {Path(args.out) / 'best'}")
@@ -95,7 +100,7 @@ def _serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
     settings = ServeSettings(**overrides)
     setup_logging(settings.log_level)
-    print("pod serve settings: " + json.dumps(settings.model_dump()), flush=True)
+    print("pod serve settings: " + json.dumps(settings.model_dump(mode="json")), flush=True)  # the token masked
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -231,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--provider", help="ONNX Runtime provider: auto, cpu, cuda")
     sv.add_argument("--device", help="PyTorch device: auto, cpu, cuda")
     sv.add_argument("--log-level", dest="log_level")
+    sv.add_argument(
+        "--api-token",
+        dest="api_token",
+        help="bearer token for the recommendation endpoints; prefer env POD_API_TOKEN (flags show in `ps`)",
+    )
     sv.set_defaults(func=_serve)
 
     from loadtests.run import add_arguments as loadtest_arguments  # argparse only; Locust loads on use

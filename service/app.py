@@ -7,23 +7,36 @@ knows the model. Bad input is answered 4xx with the field and the offending valu
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pod.dataset import MAX_HISTORY
 from service.batcher import Batcher, QueueFull
 from service.engine import Catalog, Engine, ExplainJob, SequentialJob, TopNJob
 from service.metrics import Metrics
-from service.schemas import ExplainRequest, ExplainResponse, RecommendResponse, SequentialRequest, TopNRequest
+from service.schemas import (
+    ErrorResponse,
+    ExplainRequest,
+    ExplainResponse,
+    RecommendResponse,
+    SequentialRequest,
+    TopNRequest,
+)
 from service.settings import ServeSettings
 
 log = logging.getLogger("pod.service")
@@ -52,6 +65,100 @@ def setup_logging(level: str) -> None:
 
 def bad(field: str, message: str, value: Any = None, status: int = 422) -> HTTPException:
     return HTTPException(status, detail=[{"loc": ["body", field], "msg": message, "input": value}])
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # echoed in a header and logged: nothing else is taken
+MIN_TOKEN_CHARS = 16
+BEARER = HTTPBearer(auto_error=False, description="the server's POD_API_TOKEN")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "body unreadable as JSON: not UTF-8, nested too deeply, an integer of thousands of digits"),
+        (413, "body over the size limit"),
+        (422, "invalid body: wrong types or ranges, unknown IDs, duplicates (`loc` names the field)"),
+        (429, "the task's queue is full; retry after `Retry-After` seconds"),
+        (503, "not ready (loading or shutting down)"),
+        (504, "not served within the request deadline"),
+    )
+}
+
+
+class BodyLimit:
+    """Bound a request body as it streams in: a chunked upload has no Content-Length to check up front.
+
+    Raising `HTTPException` from `receive` is how FastAPI's body reader lets it through to the handlers, so
+    the client gets the usual 413 and the rest of the body is never read.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, detail=[too_large(f"at least {seen}", self.limit)])
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def too_large(size: str, limit: int) -> dict[str, Any]:
+    return {"loc": ["body"], "msg": f"body of {size} bytes is over the {limit}-byte limit", "input": None}
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """An error's echoed input, made encodable: Python's JSON reader accepts NaN, Infinity and lone surrogates
+    (`"\\ud800"`), which the response encoder refuses (each was a 500 before this), and a deep
+    nesting could exhaust the stack; past 16 levels the echo is cut."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth >= 16:
+        return "..."
+    if isinstance(value, dict):
+        return {str(json_safe(k, depth + 1)): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, depth + 1) for v in value]
+    return json_safe(str(value))
+
+
+class Throughput:
+    """Jobs served per wall-clock second, per task (a moving average over batches), to foresee a job's wait.
+
+    A bounded queue alone admits more than the model can serve before the deadline when the hardware is slow
+    (measured: 256 queued at 25 jobs/s is a 10 s wait, so the admitted ended in 504s); the admission check
+    in `run` refuses with 429 while the foreseen wait is over half the deadline. A batch's time runs from
+    the previous batch's end when its jobs were already waiting then (the gap is the server's own overhead,
+    or other tasks' batches on the shared worker), else from its oldest job's arrival (the server was idle).
+    """
+
+    def __init__(self) -> None:
+        self.rate: dict[str, float] = {}
+        self.last_end: dict[str, float] = {}
+
+    def on_batch(self, task: str, size: int, seconds: float, waits: list[float]) -> None:
+        end = time.perf_counter()
+        since = max(self.last_end.get(task, 0.0), end - seconds - max(waits, default=0.0))
+        self.last_end[task] = end
+        now = size / max(end - since, 1e-6)
+        self.rate[task] = now if task not in self.rate else 0.8 * self.rate[task] + 0.2 * now
+
+    def wait_s(self, task: str, jobs: int) -> float:
+        rate = self.rate.get(task)
+        return jobs / rate if rate else 0.0
 
 
 def load_engine(settings: ServeSettings) -> tuple[Engine, str]:
@@ -100,6 +207,7 @@ def load_engine(settings: ServeSettings) -> tuple[Engine, str]:
 
 def create_app(settings: ServeSettings) -> FastAPI:
     metrics = Metrics()
+    throughput = Throughput()
     state: dict[str, Any] = {"ready": False}
 
     @asynccontextmanager
@@ -117,7 +225,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 settings.max_batch_size,
                 settings.max_wait_ms,
                 settings.max_queue,
-                metrics.on_batch,
+                lambda *batch: (metrics.on_batch(*batch), throughput.on_batch(*batch)),
                 metrics.on_depth,
             )
             b.start()
@@ -141,25 +249,47 @@ def create_app(settings: ServeSettings) -> FastAPI:
         lifespan=lifespan,
         description="Sequential and top-N recommendation and explanations from a prompt-distilled T5.",
     )
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    token = settings.api_token.get_secret_value().encode() if settings.api_token else None
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"POD_API_TOKEN is shorter than {MIN_TOKEN_CHARS} characters; use a long random one")
+
+    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
+        """Constant-time comparison, so response timing does not reveal how much of a guess was right."""
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, token):
+            raise HTTPException(
+                401,
+                detail=[
+                    {
+                        "loc": ["header", "authorization"],
+                        "msg": "missing or wrong bearer token (Authorization: Bearer <token>)",
+                        "input": None,
+                    }
+                ],
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    # Only when a token is set do the endpoints require (and OpenAPI declare) it; health, metrics, docs stay open.
+    guarded: dict[str, Any] = {"responses": ERRORS}
+    if token is not None:
+        guarded = {
+            "dependencies": [Security(authorized)],
+            "responses": {**ERRORS, 401: {"model": ErrorResponse, "description": "missing or wrong bearer token"}},
+        }
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = request.headers.get("x-request-id", "")
+        if not REQUEST_ID.fullmatch(rid):
+            rid = uuid.uuid4().hex
         request.state.request_id = rid
-        started = time.perf_counter()
+        started = request.state.arrived = time.perf_counter()
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             response: Response = JSONResponse(
-                status_code=413,
-                content={
-                    "detail": [
-                        {
-                            "loc": ["body"],
-                            "msg": f"body of {length} bytes is over the {settings.max_body_bytes}-byte limit",
-                            "input": None,
-                        }
-                    ]
-                },
+                status_code=413, content={"detail": [too_large(length, settings.max_body_bytes)]}
             )
         else:
             response = await call_next(request)
@@ -183,6 +313,20 @@ def create_app(settings: ServeSettings) -> FastAPI:
             },
         )
         return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own errors (404, 405, 400 on an unreadable body) in the project's one error shape."""
+        detail = exc.detail
+        if not isinstance(detail, list):
+            why = f" ({str(exc.__cause__)[:200]})" if exc.status_code == 400 and exc.__cause__ is not None else ""
+            detail = [{"loc": [], "msg": f"{detail}{why}", "input": None}]
+        return JSONResponse(status_code=exc.status_code, content={"detail": json_safe(detail)}, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        """FastAPI's 422, with the echoed input made encodable (see `json_safe`)."""
+        return JSONResponse(status_code=422, content={"detail": json_safe(exc.errors())})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -228,8 +372,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return item if form is int else state["engine"].catalog.id2item[item]
 
     async def run(task: str, job: Any, bucket: int, request: Request) -> Any:
+        # The deadline runs from the request's arrival: under load, parsing and validation wait for the event loop.
+        elapsed = time.perf_counter() - request.state.arrived
+        batcher = state["batchers"][task]
+        foreseen = elapsed + throughput.wait_s(task, batcher.depth + batcher.running)
         try:
-            future = state["batchers"][task].submit(job, bucket)
+            if foreseen > settings.request_timeout_s / 2:
+                raise QueueFull(
+                    f"{task} would be served in about {foreseen:.1f} s, over half the "
+                    f"{settings.request_timeout_s:g} s deadline"
+                )
+            future = batcher.submit(job, bucket)
         except QueueFull as exc:
             raise HTTPException(
                 429, detail=[{"loc": [], "msg": str(exc), "input": None}], headers={"Retry-After": "1"}
@@ -244,7 +397,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         watcher = asyncio.ensure_future(disconnected())
         try:
             done, _ = await asyncio.wait(
-                {future, watcher}, timeout=settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                {future, watcher}, timeout=settings.request_timeout_s - elapsed, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             watcher.cancel()
@@ -271,7 +424,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             latency_ms=round(1000 * (time.perf_counter() - started), 2),
         )
 
-    @app.post("/recommend/sequential", response_model=RecommendResponse)
+    @app.post("/recommend/sequential", response_model=RecommendResponse, **guarded)
     async def recommend_sequential(body: SequentialRequest, request: Request):
         eng = engine()
         started = time.perf_counter()
@@ -301,7 +454,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         result = await run("sequential", job, eng.input_length("sequential", user, history) // 32, request)
         return ranked_response("sequential", result, form, started)
 
-    @app.post("/recommend/topn", response_model=RecommendResponse)
+    @app.post("/recommend/topn", response_model=RecommendResponse, **guarded)
     async def recommend_topn(body: TopNRequest, request: Request):
         engine()
         started = time.perf_counter()
@@ -321,7 +474,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         result = await run("topn", job, len(candidates) // 25, request)
         return ranked_response("topn", result, form, started)
 
-    @app.post("/explain", response_model=ExplainResponse)
+    @app.post("/explain", response_model=ExplainResponse, **guarded)
     async def explain(body: ExplainRequest, request: Request):
         engine()
         started = time.perf_counter()
@@ -343,13 +496,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def healthz():
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "loading or shutting down"}})
     async def readyz():
         if not state["ready"]:
             return JSONResponse(status_code=503, content={"status": "not ready"})
         return {"status": "ready", "model": state["label"]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

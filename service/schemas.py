@@ -3,27 +3,33 @@ strings (raw IDs as in the data, e.g. ASINs); a response uses the form the reque
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-Id = StrictInt | StrictStr
+# Every list and string a request carries is bounded in the schema (and so in OpenAPI), besides the body-size
+# limit: validation cost and the size of an error echo stay small whatever a client sends.
+MAX_LIST = 1000
+MAX_ID_CHARS = 256
+Id = StrictInt | Annotated[StrictStr, Field(max_length=MAX_ID_CHARS)]
 
 
 class SequentialRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: Id
-    history: list[Id] | None = Field(None, description="items in time order; default: the known history")
+    history: list[Id] | None = Field(
+        None, max_length=MAX_LIST, description="items in time order; default: the known history"
+    )
     k: int = Field(10, ge=1, le=20)
     exclude_seen: bool = Field(True, description="never recommend an item of the history")
-    exclude: list[Id] = Field(default_factory=list, max_length=1000)
+    exclude: list[Id] = Field(default_factory=list, max_length=MAX_LIST)
 
 
 class TopNRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: Id
-    candidates: list[Id] = Field(min_length=2, max_length=1000)
-    k: int = Field(10, ge=1, le=1000)
+    candidates: list[Id] = Field(min_length=2, max_length=MAX_LIST)
+    k: int = Field(10, ge=1, le=MAX_LIST)
     mode: Literal["beam", "score"] = Field("beam", description="beam search, or exact scoring of every candidate")
 
 
@@ -50,3 +56,15 @@ class ExplainResponse(BaseModel):
     score: float
     model: str
     latency_ms: float
+
+
+class ErrorEntry(BaseModel):
+    loc: list[str | int] = Field(description="where the problem is, e.g. ['body', 'history']; [] for the request")
+    msg: str = Field(description="what is wrong, in words")
+    input: Any = Field(None, description="the offending value, when there is one")
+
+
+class ErrorResponse(BaseModel):
+    """Every error the service answers (4xx and 5xx) has this shape, so a client can always show `msg`."""
+
+    detail: list[ErrorEntry]

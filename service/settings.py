@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.schemas import MAX_LIST
 
 
 class ServeSettings(BaseSettings):
@@ -23,7 +25,9 @@ class ServeSettings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="per task; a full queue answers 429")
     request_timeout_s: float = Field(10.0, gt=0, description="per-request deadline; past it, 504")
     max_body_bytes: int = Field(256 * 1024, ge=1024)
-    max_history: int = Field(1000, ge=1, description="longest history accepted (the model reads the last 20)")
+    max_history: int = Field(
+        MAX_LIST, ge=1, le=MAX_LIST, description="longest history accepted (the model reads the last 20)"
+    )
     beams: int = Field(20, ge=1, le=100)
     explanation_beams: int = Field(21, ge=1)
     explanation_groups: int = Field(3, ge=1)
@@ -31,3 +35,7 @@ class ServeSettings(BaseSettings):
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     warmup: bool = True
     log_level: str = "info"
+    # A secret: printed as ********** and never logged; prefer the environment to a flag (ps shows flags).
+    api_token: SecretStr | None = Field(
+        None, description="bearer token the recommendation endpoints require (health, metrics and docs stay open)"
+    )
