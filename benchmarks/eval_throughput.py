@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+# OpenMP threads that spin while waiting collapse torch 10-20x on a 2-core machine with anything else running;
+# passive waiting keeps the stock baseline honest there (set before torch loads OpenMP).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 import tempfile
 import time

@@ -36,7 +36,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from training.train import TrainConfig, train
+    from training.train import TrainConfig, resume_dir, train
 
     fields = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -44,10 +44,10 @@ def _train(args: argparse.Namespace) -> None:
         cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.no_progress:
         cfg.progress = False
-    state = Path(args.out) / "last" / "training_state.json"
-    if args.resume and args.epochs is None and state.is_file():
+    if args.resume and args.epochs is None:
         # `train` takes the epoch count from `cfg` on resume (to allow extending a run); without --epochs that
         # was the default, 10, which also stretched the LR schedule: a resumed 2-epoch run went on to 10
+        state = resume_dir(Path(args.out)) / "training_state.json"
         cfg.epochs = json.loads(state.read_text())["progress"]["config"]["epochs"]
     summary = train(cfg, resume=args.resume)
     if summary.get("best_val") is not None:
@@ -233,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, dest="max_queue")
     sv.add_argument("--request-timeout-s", type=float, dest="request_timeout_s")
     sv.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    sv.add_argument(
+        "--normalizer",
+        choices=["exact", "allowed"],
+        help="item scores: exact log-probabilities (default) or renormalized over valid ID tokens (faster)",
+    )
     sv.add_argument("--provider", help="ONNX Runtime provider: auto, cpu, cuda")
     sv.add_argument("--device", help="PyTorch device: auto, cpu, cuda")
     sv.add_argument("--log-level", dest="log_level")

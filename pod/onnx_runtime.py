@@ -69,6 +69,10 @@ class OnnxRuntime:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # Idle intra-op threads sleep instead of spinning: a server shares its cores with the HTTP loop, the
+        # batcher and often other processes, and spinning threads then starve them (measured on 2 cores with
+        # one other busy process: t5-small encoder 118 ms spinning vs 57 ms not; 54 ms on 1 thread).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = pick_providers(provider)
         log.info("ONNX Runtime providers: %s", ", ".join(self.providers))
 

@@ -201,6 +201,7 @@ def load_engine(settings: ServeSettings) -> tuple[Engine, str]:
         settings.explanation_beams,
         settings.explanation_groups,
         settings.diversity_penalty,
+        settings.normalizer,
     )
     return engine, label
 

@@ -42,7 +42,10 @@ class ExplainRequest(BaseModel):
 
 class ScoredItem(BaseModel):
     item_id: Id
-    score: float = Field(description="log-probability of the item under the model")
+    score: float = Field(
+        description="log-probability of the item under the model (with the `allowed` normalizer: given that the "
+        "model writes a valid ID)"
+    )
 
 
 class RecommendResponse(BaseModel):

@@ -32,6 +32,11 @@ class ServeSettings(BaseSettings):
     explanation_beams: int = Field(21, ge=1)
     explanation_groups: int = Field(3, ge=1)
     diversity_penalty: float = 0.0
+    normalizer: Literal["exact", "allowed"] = Field(
+        "exact",
+        description="item scores: exact log-probabilities (the paper's ranking), or renormalized over the tokens "
+        "the ID trie allows (faster: forced tokens and the final end-of-ID step cost nothing)",
+    )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     warmup: bool = True
     log_level: str = "info"

@@ -250,3 +250,19 @@ def test_sigterm_finishes_in_flight_requests(exported_bundle):
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         assert codes == [200] * 10
         assert '"msg": "stopped"' in proc.stdout.read()
+
+
+def test_allowed_normalizer_serves_valid_distinct_items(exported_bundle, default_synth):
+    """`--normalizer allowed` (the fast scoring): k distinct known items, none from the history, best first."""
+    from pod.dataset import PreparedData
+
+    data = PreparedData.load(default_synth)
+    user = data.users[3]
+    history = data.sequences[user][-5:]
+    with serve(exported_bundle, normalizer="allowed") as (url, _):
+        r = post(url, "/recommend/sequential", {"user_id": user, "history": history, "k": 10})
+        assert r.status_code == 200, r.text
+        items = [x["item_id"] for x in r.json()["items"]]
+        scores = [x["score"] for x in r.json()["items"]]
+    assert len(items) == len(set(items)) == 10 and not set(items) & set(history)
+    assert set(items) <= set(data.items) and scores == sorted(scores, reverse=True) and max(scores) <= 0.0

@@ -54,6 +54,8 @@ def test_resume_matches_uninterrupted_run(small_synth, tmp_path):
     train(TrainConfig(out=str(part), max_steps=7, **common))  # stops inside the first epoch
     progress = json.loads((part / "last" / "training_state.json").read_text())["progress"]
     assert progress["global_step"] == 7 and progress["epoch"] == 0
+    # a kill between the checkpoint swap's two renames leaves only `.last.old`: resume falls back to it
+    (part / "last").rename(part / ".last.old")
     train(TrainConfig(out=str(part), **common), resume=True)
     a = load_file(str(full / "last" / "model.safetensors"))
     b = load_file(str(part / "last" / "model.safetensors"))

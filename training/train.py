@@ -183,12 +183,21 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
+def resume_dir(out: Path) -> Path:
+    """`OUT/last`, or the previous one a kill between the checkpoint swap's two renames left as `.last.old`."""
+    for cand in (out / "last", out / ".last.old"):
+        if (cand / "training_state.json").is_file() and (cand / "config.json").is_file():
+            return cand
+    raise FileNotFoundError(f"{out / 'last'}: no checkpoint to resume from (run without --resume to start)")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run (or resume) training; returns a summary with the best validation loss and where it is."""
     out = Path(cfg.out)
     device, rank, world = setup_distributed(cfg)
+    last = resume_dir(out) if resume else out / "last"
     if resume:
-        saved = json.loads((out / "last" / "training_state.json").read_text())["progress"]["config"]
+        saved = json.loads((last / "training_state.json").read_text())["progress"]["config"]
         saved.update(
             {k: v for k, v in asdict(cfg).items() if k in ("epochs", "max_minutes", "max_steps", "progress", "device")}
         )
@@ -205,7 +214,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     random.seed(cfg.seed)
 
     if resume:
-        model, tokenizer, _ = load_checkpoint(out / "last", device)
+        model, tokenizer, _ = load_checkpoint(last, device)
     else:
         tokenizer = tokenizer_for(cfg, data, out) if rank == 0 else None
         if world > 1:
@@ -244,7 +253,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "done": False,
     }
     if resume:
-        progress = read_state(out / "last", optimizer, scheduler)
+        progress = read_state(last, optimizer, scheduler)
         if progress.get("done"):
             if rank == 0:
                 print(f"{out}: training already finished (best validation loss {progress['best_val']:.4f})")
