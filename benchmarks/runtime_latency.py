@@ -354,11 +354,13 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
     }
 
 
-def print_table(preset: str, res: dict, n: int, warmup: int, rounds: int, tokens: float, beams: int) -> None:
+def print_table(
+    preset: str, res: dict, n: int, warmup: int, rounds: int, tokens: float, beams: int, task: str = "sequential"
+) -> None:
     m = res["model"]
     print(
         f"\nshape {preset}: d_model {m['d_model']}, layers {m['layers']}, vocab {m['vocab']}, "
-        f"{m['parameters'] / 1e6:.1f}M params; {n} sequential requests after {warmup} warm-up "
+        f"{m['parameters'] / 1e6:.1f}M params; {n} {task} requests after {warmup} warm-up "
         f"({rounds} rounds), batch 1, "
         f"{beams} beams, mean input {tokens:.1f} tokens (+{m['num_prompts']} prompts)"
     )
@@ -460,7 +462,7 @@ def run(args, threads: int, shapes: list[str], history_len: tuple[int, int], tmp
         results[preset]["mean_input_tokens"] = timed_tokens
     print(f"device {device}; torch {torch.__version__}; latency per request; encode/decode/search: medians in ms")
     for preset, res in results.items():
-        print_table(preset, res, args.requests, args.warmup, args.rounds, timed_tokens, args.beams)
+        print_table(preset, res, args.requests, args.warmup, args.rounds, timed_tokens, args.beams, args.task)
     if args.out:
         Path(args.out).write_text(
             json.dumps(
