@@ -73,7 +73,8 @@ def server(exported_bundle):
 
 
 def post(url: str, path: str, body, **kw) -> httpx.Response:
-    return httpx.post(url + path, json=body, timeout=30, **kw)
+    kw.setdefault("timeout", 30)
+    return httpx.post(url + path, json=body, **kw)
 
 
 def metric(url: str, name: str, labels: str) -> float:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,11 +185,16 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
 
 
 def resume_dir(out: Path) -> Path:
-    """`OUT/last`, or the previous one a kill between the checkpoint swap's two renames left as `.last.old`."""
-    for cand in (out / "last", out / ".last.old"):
-        if (cand / "training_state.json").is_file() and (cand / "config.json").is_file():
-            return cand
-    raise FileNotFoundError(f"{out / 'last'}: no checkpoint to resume from (run without --resume to start)")
+    """`OUT/last`; after a kill between the checkpoint swap's two renames, the previous one is restored from
+    `.last.old` first (the swap finished by hand), so every later path points at `last/` as usual."""
+    last, old = out / "last", out / ".last.old"
+    if not (last / "training_state.json").is_file() and (old / "training_state.json").is_file():
+        if last.exists():
+            shutil.rmtree(last)
+        old.rename(last)
+    if not ((last / "training_state.json").is_file() and (last / "config.json").is_file()):
+        raise FileNotFoundError(f"{last}: no checkpoint to resume from (run without --resume to start)")
+    return last
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
