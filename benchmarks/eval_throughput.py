@@ -34,7 +34,6 @@ from pod.tokenization import EOS_ID  # noqa: E402
 from pod.torch_runtime import TorchRuntime, encode_batch  # noqa: E402
 from training.data.synth import write_synthetic  # noqa: E402
 from training.evaluate import item_trie  # noqa: E402
-from training.train import TrainConfig, tokenizer_for  # noqa: E402
 
 TOP = 10
 
@@ -157,13 +156,9 @@ def main() -> None:
     if args.checkpoint:
         model, tok, _ = load_checkpoint(args.checkpoint, dev)
     else:
-        spiece = None
-        if args.tokenizer == "auto":
-            found = [p / "shared/tokenizers/t5/spiece.model" for p in Path(__file__).resolve().parents]
-            spiece = next((str(p) for p in found if p.is_file()), None)
-        elif args.tokenizer != "data":
-            spiece = args.tokenizer
-        tok = tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp), tokenizer=spiece), data, tmp)
+        from runtime_latency import benchmark_tokenizer  # this folder is on sys.path when run as a script
+
+        tok = benchmark_tokenizer(args.tokenizer, data_dir, data, tmp)
         torch.manual_seed(0)
         model = build_model(tok, args.preset)
     runtime = TorchRuntime(model, tok, dev, bf16=dev == "cuda")

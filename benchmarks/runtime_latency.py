@@ -429,16 +429,22 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def benchmark_tokenizer(choice: str, data_dir: Path, data: PreparedData, tmp: Path):
+    """'auto': T5's spiece.model from a `shared/` beside the checkout (what the REFERENCE anchors used), else the
+    small one trained on the data; 'data': always the latter; anything else: a path to a spiece.model."""
+    spiece = None
+    if choice == "auto":
+        found = [p / "shared/tokenizers/t5/spiece.model" for p in Path(__file__).resolve().parents]
+        spiece = next((str(p) for p in found if p.is_file()), None)
+    elif choice != "data":
+        spiece = choice
+    return tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp), tokenizer=spiece), data, tmp)
+
+
 def run(args, threads: int, shapes: list[str], history_len: tuple[int, int], tmp: Path) -> None:
     data_dir = tmp / "synth"
     data = make_data(data_dir, args.users, history_len, args.seed, args.items)
-    spiece = None
-    if args.tokenizer == "auto":
-        found = [p / "shared/tokenizers/t5/spiece.model" for p in Path(__file__).resolve().parents]
-        spiece = next((str(p) for p in found if p.is_file()), None)
-    elif args.tokenizer != "data":
-        spiece = args.tokenizer
-    tok = tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp), tokenizer=spiece), data, tmp)
+    tok = benchmark_tokenizer(args.tokenizer, data_dir, data, tmp)
     users = random.Random(args.seed).sample(data.users, args.warmup + args.requests)
     requests = []
     for u in users:

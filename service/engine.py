@@ -103,13 +103,12 @@ class Engine:
         """Token count of a job's input, for bucketing similar jobs into one batch."""
         return len(self.tokenizer.pieces(templates.fill(task, templates.BARE, user, list(items)[-MAX_HISTORY:])))
 
-    def sequential(self, jobs: Sequence[SequentialJob]) -> list[Ranked]:
-        texts = [templates.fill("sequential", templates.BARE, j.user, j.history[-MAX_HISTORY:]) for j in jobs]
-        cons = [self.catalog.trie.restrict(set(j.history) | set(j.exclude)) for j in jobs]
-        session = self.runtime.start("sequential", texts, self.beams)
+    def _rank(self, task: str, texts: list[str], cons: list, ks: list[int]) -> list[Ranked]:
+        """One constrained beam search over a batch: each job's best `k` items with their scores."""
+        session = self.runtime.start(task, texts, self.beams)
         hyps = beam_search(
             session,
-            len(jobs),
+            len(texts),
             self.beams,
             self.max_item_tokens,
             EOS_ID,
@@ -118,9 +117,13 @@ class Engine:
             normalize=self.normalizer,
         )
         return [
-            Ranked([(h.value, h.logprob) for h in row][: j.k], sum(len(h.tokens) for h in row))
-            for j, row in zip(jobs, hyps)
+            Ranked([(h.value, h.logprob) for h in row][:k], sum(len(h.tokens) for h in row)) for k, row in zip(ks, hyps)
         ]
+
+    def sequential(self, jobs: Sequence[SequentialJob]) -> list[Ranked]:
+        texts = [templates.fill("sequential", templates.BARE, j.user, j.history[-MAX_HISTORY:]) for j in jobs]
+        cons = [self.catalog.trie.restrict(set(j.history) | set(j.exclude)) for j in jobs]
+        return self._rank("sequential", texts, cons, [j.k for j in jobs])
 
     def topn(self, jobs: Sequence[TopNJob]) -> list[Ranked]:
         out: list[Ranked | None] = [None] * len(jobs)
@@ -128,19 +131,8 @@ class Engine:
         if beam_jobs:
             texts = [templates.fill("topn", templates.BARE, jobs[n].user, jobs[n].candidates) for n in beam_jobs]
             cons = [Trie((self.catalog.item_tokens[i], i) for i in jobs[n].candidates).restrict() for n in beam_jobs]
-            session = self.runtime.start("topn", texts, self.beams)
-            hyps = beam_search(
-                session,
-                len(beam_jobs),
-                self.beams,
-                self.max_item_tokens,
-                EOS_ID,
-                constraints=cons,
-                length_penalty=0.0,
-                normalize=self.normalizer,
-            )
-            for n, row in zip(beam_jobs, hyps):
-                out[n] = Ranked([(h.value, h.logprob) for h in row][: jobs[n].k], sum(len(h.tokens) for h in row))
+            for n, ranked in zip(beam_jobs, self._rank("topn", texts, cons, [jobs[n].k for n in beam_jobs])):
+                out[n] = ranked
         for n, job in enumerate(jobs):
             if job.mode == "score":
                 out[n] = self._score(job)
