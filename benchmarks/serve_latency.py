@@ -43,7 +43,7 @@ def start_server(args, runtime: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "POD_LOG_LEVEL": "warning"},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "POD_LOG_LEVEL": "warning", "POD_NORMALIZER": args.normalizer},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -106,7 +106,7 @@ def hf_direct(args, users: list[int]) -> dict:
 
     model, tok, meta = load_checkpoint(args.checkpoint)
     data = PreparedData.load(meta["train_config"]["data"])
-    run = hf(TorchRuntime(model, tok), item_trie(tok, data.items), 20)
+    run = hf(TorchRuntime(model, tok), "sequential", item_trie(tok, data.items).restrict, 20)
     rng = random.Random(0)
     latencies = []
     stop = time.perf_counter() + args.seconds
@@ -129,13 +129,15 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--runtimes", default="onnx,torch", help="which `pod serve` runtimes to drive")
+    ap.add_argument("--normalizer", choices=["exact", "allowed"], default="exact", help="`pod serve --normalizer`")
     ap.add_argument("--out")
     args = ap.parse_args()
     from pod.bundle import Bundle
 
     users = sorted(Bundle.load(args.bundle, verify=False).histories)[:500]
     results = {"HF generate (direct, concurrency 1)": hf_direct(args, users)}
-    for runtime in ("onnx", "torch"):
+    for runtime in args.runtimes.split(","):
         proc = start_server(args, runtime, args.port)
         try:
             url = f"http://127.0.0.1:{args.port}"
