@@ -193,9 +193,10 @@ def beam_search(
             if columns.size == 0:
                 break
         # Send the session only the live beams: `w` per request (the most any request has), padded by repeats.
-        width = max(1, int(live.reshape(batch_size, num_beams).sum(1).max()))
-        order = np.argsort(~live.reshape(batch_size, num_beams), axis=1, kind="stable")[:, :width]
-        counts = live.reshape(batch_size, num_beams).sum(1)
+        live_bb = live.reshape(batch_size, num_beams)
+        counts = live_bb.sum(1)
+        width = max(1, int(counts.max()))
+        order = np.argsort(~live_bb, axis=1, kind="stable")[:, :width]
         order = np.where(np.arange(width)[None, :] < np.maximum(counts, 1)[:, None], order, order[:, :1])
         send = (order + np.arange(batch_size)[:, None] * num_beams).reshape(-1)
         if renormalize and columns.size == 1 and columns[0] == eos_id:

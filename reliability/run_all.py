@@ -26,24 +26,11 @@ from reliability.sigterm import sigterm_under_load
 def make_bundle(work: Path) -> Path:
     from export.export import export_bundle
     from training.data.synth import write_synthetic
-    from training.train import TrainConfig, train
+    from training.train import quick_sequential_config, train
 
     data, run, bundle = work / "synthetic", work / "seq", work / "bundle"
     write_synthetic(data)
-    train(
-        TrainConfig(
-            data=str(data),
-            out=str(run),
-            tasks=["sequential"],
-            batch_size=16,
-            lr=1e-3,
-            epochs=100,
-            max_steps=700,
-            val_limit=200,
-            progress=False,
-            seed=0,
-        )
-    )
+    train(quick_sequential_config(data, run))
     export_bundle(run, bundle, data=data, log=lambda *_: None)
     return bundle
 

@@ -58,23 +58,10 @@ def default_synth(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_sequential(default_synth, tmp_path_factory) -> Path:
     """A tiny model trained on the default shop's sequential task for about a minute on 2 cores."""
-    from training.train import TrainConfig, train
+    from training.train import quick_sequential_config, train
 
     out = tmp_path_factory.mktemp("runs") / "seq"
-    train(
-        TrainConfig(
-            data=str(default_synth),
-            out=str(out),
-            tasks=["sequential"],
-            batch_size=16,
-            lr=1e-3,
-            epochs=100,
-            max_steps=700,
-            val_limit=200,
-            progress=False,
-            seed=0,
-        )
-    )
+    train(quick_sequential_config(default_synth, out))
     return out
 
 

@@ -184,6 +184,22 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
+def quick_sequential_config(data: str | Path, out: str | Path) -> TrainConfig:
+    """The small sequential-only run that the tests and `make reliability` export and serve (~1 min on 2 cores)."""
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        tasks=["sequential"],
+        batch_size=16,
+        lr=1e-3,
+        epochs=100,
+        max_steps=700,
+        val_limit=200,
+        progress=False,
+        seed=0,
+    )
+
+
 def resume_dir(out: Path) -> Path:
     """`OUT/last`; after a kill between the checkpoint swap's two renames, the previous one is restored from
     `.last.old` first (the swap finished by hand), so every later path points at `last/` as usual."""
