@@ -31,6 +31,7 @@ FROM base AS source
 COPY pyproject.toml README.md /src/
 COPY deploy/constraints.txt /src/deploy/constraints.txt
 COPY pod /src/pod
+COPY cli /src/cli
 COPY service /src/service
 COPY training /src/training
 COPY export /src/export

@@ -6,7 +6,7 @@ RUN ?= runs/demo
 PORT ?= 8000
 DATA ?= data/synthetic
 
-.PHONY: setup demo test test-slow reliability audit lint format clean
+.PHONY: setup demo data train evaluate export serve test test-slow reliability audit lint format clean
 
 $(BIN)/pod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,31 @@ $(BIN)/pod: pyproject.toml
 
 setup: $(BIN)/pod
 
-demo: setup
+# `make demo` runs the stages below in order, each only when its output is missing or older than its input, so
+# a rerun (after a Ctrl-C, or to serve again) reuses what exists: data -> train -> evaluate, export -> serve.
+# Delete a stage's output (or `make clean`) to redo it.
+demo: data train evaluate export
+	@$(MAKE) --no-print-directory serve
+
+data: $(DATA)/manifest.json
+$(DATA)/manifest.json: | $(BIN)/pod
 	$(BIN)/pod data synth --out $(DATA)
+
+train: $(RUN)/best/config.json
+$(RUN)/best/config.json: $(DATA)/manifest.json | $(BIN)/pod
 	$(BIN)/pod train --data $(DATA) --out $(RUN) --preset tiny --epochs 30 --max-minutes 5 --batch-size 16 --lr 1e-3
-	$(BIN)/pod evaluate --checkpoint $(RUN) --data $(DATA) --limit 200 --out $(RUN)/eval.json
+
+evaluate: $(RUN)/eval.json
+$(RUN)/eval.json: $(RUN)/best/config.json $(DATA)/manifest.json | $(BIN)/pod
+	$(BIN)/pod evaluate --checkpoint $(RUN) --data $(DATA) --out $(RUN)/eval.json
+
+export: $(RUN)/bundle/bundle.json
+$(RUN)/bundle/bundle.json: $(RUN)/best/config.json | $(BIN)/pod
 	$(BIN)/pod export --checkpoint $(RUN) --out $(RUN)/bundle
+
+# Serves the bundle that is there (`make export`, or `make demo`, writes one); it never trains.
+serve: | $(BIN)/pod
+	@test -f $(RUN)/bundle/bundle.json || { echo "no bundle in $(RUN)/bundle: run 'make demo' (or 'make export') first" >&2; exit 1; }
 	@echo ""
 	@echo "Serving $(RUN)/bundle on http://127.0.0.1:$(PORT) (Ctrl-C stops it). Try, from another shell:"
 	@echo "  curl -s -X POST localhost:$(PORT)/recommend/sequential -H 'content-type: application/json' -d '{\"user_id\": 5, \"k\": 5}'"

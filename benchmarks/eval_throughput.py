@@ -1,6 +1,11 @@
 """Sequential evaluation throughput: our trie-constrained beam search vs Hugging Face `generate` with
 `prefix_allowed_tokens_fn` (the stock way to constrain), same model, same inputs, same beams.
 
+Ours is `pod.recommender.Recommender.sequential` over the PyTorch runtime, batched as `pod evaluate` batches
+(`training.evaluate.run_batched`: length-sorted batches); HF gets the same batches, the input text
+`Recommender.text` writes and the constraint the recommender builds (the item trie without the history).
+Users: all test users, or a seeded random sample (`pod.recommender.sample_users`, as `pod evaluate --limit`).
+
 Prints users/s for both, the share of users whose top-10 lists are identical, and the speed ratio last.
 
     python benchmarks/eval_throughput.py                               # CPU: a fresh tiny model, synthetic shop
@@ -26,42 +31,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pod import templates  # noqa: E402
 from pod.dataset import PreparedData  # noqa: E402
-from pod.decoding import beam_search  # noqa: E402
 from pod.model import build_model, load_checkpoint  # noqa: E402
+from pod.recommender import Catalog, DecodingConfig, Recommender, SequentialJob, by_length, sample_users  # noqa: E402
 from pod.tokenization import EOS_ID  # noqa: E402
 from pod.torch_runtime import TorchRuntime, encode_batch  # noqa: E402
 from training.data.synth import write_synthetic  # noqa: E402
-from training.evaluate import item_trie  # noqa: E402
+from training.evaluate import run_batched  # noqa: E402
 
 TOP = 10
 
 
-def run_ours(runtime, texts, histories, trie, beams, batch_size, normalize="exact"):
-    lists = []
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
-        session = runtime.start("sequential", chunk, beams)
-        cons = [trie.restrict(h) for h in histories[i : i + batch_size]]
-        hyps = beam_search(
-            session, len(chunk), beams, 16, EOS_ID, constraints=cons, length_penalty=0.0, normalize=normalize
-        )
-        lists += [[h.value for h in row][:TOP] for row in hyps]
-    return lists
+def run_ours(rec: Recommender, jobs: list[SequentialJob], batch_size: int) -> list[list[int]]:
+    """`pod evaluate`'s sequential loop: the recommender over length-sorted batches, lists in the jobs' order."""
+    ranked = run_batched(rec, "sequential", jobs, rec.sequential, batch_size, progress=False)
+    return [[item for item, _ in r.items] for r in ranked]
 
 
-def run_ours_allowed(runtime, texts, histories, trie, beams, batch_size):
-    return run_ours(runtime, texts, histories, trie, beams, batch_size, "allowed")
+def hf_batches(rec: Recommender, jobs: list[SequentialJob], batch_size: int):
+    """The same length-sorted batches for HF: (job indices, input texts, constraints) per batch."""
+    for batch in by_length(rec, "sequential", jobs, batch_size):
+        texts = [rec.text("sequential", jobs[n].user, jobs[n].history) for n in batch]
+        cons = [rec.catalog.trie.restrict(set(jobs[n].history) | set(jobs[n].exclude)) for n in batch]
+        yield batch, texts, cons
 
 
 @torch.inference_mode()
-def run_hf_plain(runtime, texts, histories, trie, beams, batch_size):
+def run_hf_plain(rec: Recommender, jobs: list[SequentialJob], batch_size: int) -> None:
     """The REFERENCE anchor: plain beam-search `generate`, as many new tokens as an item ID, no constraint."""
+    runtime, beams = rec.runtime, rec.config.beams
     model, tok, dev = runtime.model, runtime.tokenizer, runtime.device
-    length = max(len(trie_path) for trie_path in trie.paths.values())
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
+    length = rec.catalog.longest_item
+    for _, chunk, _ in hf_batches(rec, jobs, batch_size):
         enc = {k: v.to(dev) for k, v in encode_batch(tok, chunk).items()}
         task = torch.full((len(chunk),), model.config.task_index("sequential"), device=dev)
         with runtime.autocast():
@@ -79,13 +80,12 @@ def run_hf_plain(runtime, texts, histories, trie, beams, batch_size):
 
 
 @torch.inference_mode()
-def run_hf(runtime, texts, histories, trie, beams, batch_size):
+def run_hf(rec: Recommender, jobs: list[SequentialJob], batch_size: int) -> list[list[int]]:
     """Stock path: HF generate on the same encoder inputs (prompts prepended), constrained by a callback."""
+    runtime, beams, trie = rec.runtime, rec.config.beams, rec.catalog.trie
     model, tok, dev = runtime.model, runtime.tokenizer, runtime.device
-    lists = []
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
-        cons = [trie.restrict(h) for h in histories[i : i + batch_size]]
+    lists: list = [None] * len(jobs)
+    for batch, chunk, cons in hf_batches(rec, jobs, batch_size):
 
         def allowed(batch_id: int, prefix: torch.Tensor, cons=cons) -> list[int]:
             node = 0
@@ -110,7 +110,7 @@ def run_hf(runtime, texts, histories, trie, beams, batch_size):
                 do_sample=False,
             )
         seqs = out.view(len(chunk), beams, -1).tolist()
-        for row in seqs:
+        for n, row in zip(batch, seqs):
             items = []
             for seq in row:
                 node = 0
@@ -121,7 +121,7 @@ def run_hf(runtime, texts, histories, trie, beams, batch_size):
                 value = trie.value.get(node)
                 if value is not None and value not in items:
                     items.append(value)
-            lists.append(items[:TOP])
+            lists[n] = items[:TOP]
     return lists
 
 
@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="a trained checkpoint (default: a fresh model of --preset)")
     ap.add_argument("--data", help="prepared data (default: a fresh synthetic shop)")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--users", type=int, default=200, help="evaluate this many test users (0 = all)")
+    ap.add_argument("--users", type=int, default=200, help="a seeded random sample of this many test users (0 = all)")
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8, help="users per batch, ours")
     ap.add_argument("--hf-batch-size", type=int, help="users per batch for HF (default: --batch-size)")
@@ -161,38 +161,34 @@ def main() -> None:
         tok = benchmark_tokenizer(args.tokenizer, data_dir, data, tmp)
         torch.manual_seed(0)
         model = build_model(tok, args.preset)
-    runtime = TorchRuntime(model, tok, dev, bf16=dev == "cuda")
-    users = data.users[: args.users] if args.users else data.users
-    histories, texts, targets = [], [], []
+    runtime = TorchRuntime(model, tok, dev, bf16=dev == "cuda")  # as `training.evaluate.load_recommender`
+    catalog = Catalog.from_prepared(data, tok)
+    exact = Recommender(runtime, catalog, DecodingConfig(beams=args.beams))
+    allowed = Recommender(runtime, catalog, DecodingConfig(beams=args.beams, normalizer="allowed"))
+    users = sample_users(data.users, args.users or None, seed=0)
+    jobs, targets = [], []
     for u in users:
         h, target = data.eval_example(u, "test")
-        histories.append(h)
+        jobs.append(SequentialJob(u, h, TOP))
         targets.append(target)
-        texts.append(templates.fill("sequential", templates.BARE, u, h))
-    order = sorted(range(len(users)), key=lambda i: len(texts[i]))
-    texts = [texts[i] for i in order]
-    histories = [histories[i] for i in order]
-    targets = [targets[i] for i in order]
-    trie = item_trie(tok, data.items)
     hf_batch = args.hf_batch_size or args.batch_size
     runners = {
-        "HF generate + prefix_allowed_tokens_fn": (run_hf, hf_batch),
-        "HF generate, unconstrained (anchor)": (run_hf_plain, hf_batch),
-        "POD beam search (exact)": (run_ours, args.batch_size),
-        "POD beam search (allowed-token normalizer)": (run_ours_allowed, args.batch_size),
+        "HF generate + prefix_allowed_tokens_fn": (run_hf, exact, hf_batch),
+        "HF generate, unconstrained (anchor)": (run_hf_plain, exact, hf_batch),
+        "POD beam search (exact)": (run_ours, exact, args.batch_size),
+        "POD beam search (allowed-token normalizer)": (run_ours, allowed, args.batch_size),
     }
-    for fn, batch in runners.values():  # warm-up: one batch each
-        warm = min(len(texts), batch)
-        fn(runtime, texts[:warm], histories[:warm], trie, args.beams, batch)
+    for fn, rec, batch in runners.values():  # warm-up: one batch each
+        fn(rec, jobs[:batch], batch)
     timings, lists = {}, {}
-    for name, (fn, batch) in runners.items():
+    for name, (fn, rec, batch) in runners.items():
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        lists[name] = fn(runtime, texts, histories, trie, args.beams, batch)
+        lists[name] = fn(rec, jobs, batch)
         if dev == "cuda":
             torch.cuda.synchronize()
-        timings[name] = len(texts) / (time.perf_counter() - t0)
+        timings[name] = len(jobs) / (time.perf_counter() - t0)
     ref = lists["HF generate + prefix_allowed_tokens_fn"]
     same = {name: sum(x == y for x, y in zip(ref, got)) / len(ref) for name, got in lists.items() if got is not None}
     base = timings["HF generate + prefix_allowed_tokens_fn"]
@@ -201,7 +197,7 @@ def main() -> None:
     }
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
-        f"device {device_name}; {len(texts)} users, {args.beams} beams, batch {args.batch_size}, "
+        f"device {device_name}; {len(jobs)} users, {args.beams} beams, batch {args.batch_size}, "
         f"model d_model={model.config.t5['d_model']}, vocab {tok.vocab_size}"
     )
     print(f"{'runner':<44} {'users/s':>9} {'HR@10':>6} {'top-10 = HF constrained':>24} {'ratio vs HF constrained':>24}")
@@ -214,7 +210,7 @@ def main() -> None:
             json.dumps(
                 {
                     "device": device_name,
-                    "users": len(texts),
+                    "users": len(jobs),
                     "beams": args.beams,
                     "batch_size": args.batch_size,
                     "hf_batch_size": hf_batch,

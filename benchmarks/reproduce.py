@@ -197,7 +197,11 @@ def markdown(report: dict) -> str:
             f"stopped: {tr['stop_reason'] or 'epochs done'}; best validation loss {tr['best_val_loss']}"
         )
     if ev:
-        scope = "the full test split" if not ev.get("limit") else f"a SUBSET: the first {ev['limit']} test users"
+        scope = (
+            "the full test split"
+            if not ev.get("limit")
+            else f"a SUBSET: a seeded random sample of {ev['limit']} test users (seed {ev.get('seed', 0)})"
+        )
         lines.append(f"- evaluation: {scope}, {ev['beams']} beams, prompt {ev['inference_prompt']}")
     if report.get("note"):
         lines.append(f"- note: {report['note']}")
@@ -257,7 +261,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--val-limit", type=int, help="validate on at most N users/records per task during training")
     ap.add_argument("--checkpoint", type=Path, help="evaluate this run/checkpoint instead of training")
-    ap.add_argument("--eval-limit", type=int, help="evaluate the first N test users only (default: the full split)")
+    ap.add_argument(
+        "--eval-limit", type=int, help="evaluate a seeded random sample of N test users (--seed; default: all)"
+    )
     ap.add_argument("--eval-batch-size", type=int, default=32)
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--no-topn-scoring", action="store_true", help="skip exact top-N candidate scoring (time)")
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["evaluation"] = {
         "limit": args.eval_limit,
+        "seed": args.seed,
         "beams": args.beams,
         "inference_prompt": "continuous",
         "checkpoint": str(checkpoint),
@@ -354,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             beams=args.beams,
             batch_size=args.eval_batch_size,
             limit=args.eval_limit,
+            seed=args.seed,
             device=args.device,
             progress=sys.stderr.isatty(),
             topn_scoring=not args.no_topn_scoring,

@@ -4,17 +4,22 @@ One request at a time (batch 1), 20 beams, constrained to valid item IDs with th
 same model weights everywhere:
 - HF: stock `model.t5.generate(inputs_embeds=..., prefix_allowed_tokens_fn=...)` on the prompt-extended
   embeddings (as `eval_throughput.run_hf`);
-- PyTorch: `TorchRuntime` (encoder once, decoder steps with a KV cache) + `pod.decoding.beam_search`;
-- ONNX fp32 / int8: bundles written by `export_bundle` (quantize none / int8), `OnnxRuntime` + the same search.
+- PyTorch: `TorchRuntime` (encoder once, decoder steps with a KV cache) behind `pod.recommender.Recommender`,
+  the code `pod evaluate` and `pod serve` rank with;
+- ONNX fp32 / int8: bundles written by `export_bundle` (quantize none / int8), `OnnxRuntime` behind the same
+  `Recommender` (with the bundle's catalog, as the server loads it).
+Ours is timed through a wrapped runtime (`TimedRuntime`): the recommender calls it as it calls the real one.
 
 For each model shape (random init: speed does not depend on the weights) it prints p50 and p99 over the timed
 requests, where the time goes (encode = tokenize + embed + encoder, decode = the model's decoder-step calls,
 search = the rest: constraints, candidate selection, HF's callback and beam bookkeeping), the share of requests
 whose top-10 equals HF's, and the speed-up vs HF (HF p50 / p50) last.
 
-Requests: users sampled (seeded) from the synthetic shop's test split, input `templates.fill("sequential",
-BARE, user, history)`. The shop's sequences are 16-24 purchases by default so inputs average ~90 tokens, like
-the reference anchor; `--history-len 5,12` gives the stock shop (~41 tokens).
+Requests: users sampled (seeded) from the synthetic shop's test split, one job each (`SequentialJob`, `TopNJob`
+in beam mode, `ExplainJob`); every runtime, HF included, reads the input `Recommender.text` writes (the last
+20 purchases of a sequential history) and the constraint the recommender builds (the item trie without the
+history, or the candidates' trie). The shop's sequences are 16-24 purchases by default so inputs average
+~80-90 tokens, like the reference anchor; `--history-len 5,12` gives the stock shop (~41 tokens).
 
     python benchmarks/runtime_latency.py                                        # tiny + t5-small, 50 requests
     python benchmarks/runtime_latency.py --shapes tiny --requests 20 --threads 2 --out r.json
@@ -42,18 +47,22 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.export import export_bundle  # noqa: E402
-from pod import templates  # noqa: E402
 from pod.bundle import Bundle  # noqa: E402
 from pod.dataset import PreparedData  # noqa: E402
-from pod.decoding import Trie, beam_search  # noqa: E402
-from pod.ids import item_target  # noqa: E402
 from pod.model import build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from pod.onnx_runtime import OnnxRuntime  # noqa: E402
+from pod.recommender import (  # noqa: E402
+    Catalog,
+    DecodingConfig,
+    ExplainJob,
+    Recommender,
+    SequentialJob,
+    TopNJob,
+)
 from pod.tokenization import EOS_ID  # noqa: E402
 from pod.torch_runtime import TorchRuntime, encode_batch  # noqa: E402
 from training.data.prepare import prepare  # noqa: E402
 from training.data.synth import synthesize  # noqa: E402
-from training.evaluate import item_trie  # noqa: E402
 from training.train import TrainConfig, tokenizer_for  # noqa: E402
 
 TOP = 10
@@ -79,61 +88,112 @@ def log(msg: str) -> None:
 
 
 class TimedSession:
-    """Wraps a decoder session and adds up the time spent in `step()` (the model, KV-cache reorder included)."""
+    """Wraps a decoder session and adds up the time spent in its steps (the model, KV-cache reorder included).
 
-    def __init__(self, session) -> None:
-        self.session, self.seconds, self.steps = session, 0.0, 0
+    `min_tokens`: the end token is masked for that many steps (explanations: every runtime then decodes the same
+    number of tokens, as HF's `min_new_tokens`). It is masked after the whole-vocabulary log-normalizer is
+    computed, as HF and `beam_search(min_new_tokens=...)` mask it, so every other token keeps the model's score.
+    """
 
-    def step(self, tokens, parents):
+    def __init__(self, session, min_tokens: int = 0) -> None:
+        self.session, self.min_tokens, self.seconds, self.steps = session, min_tokens, 0.0, 0
+
+    def step(self, tokens, parents):  # exact top-N scoring's teacher forcing (never with min_tokens)
         t0 = time.perf_counter()
         out = self.session.step(tokens, parents)
         self.seconds += time.perf_counter() - t0
         self.steps += 1
         return out
 
-    def step_columns(self, tokens, parents, columns, normalizer):
+    def step_columns(self, tokens, parents, columns, normalizer):  # the beam search's call (both runtimes offer it)
         t0 = time.perf_counter()
-        out = self.session.step_columns(tokens, parents, columns, normalizer)
+        logits, lse = self.session.step_columns(tokens, parents, columns, normalizer)
         self.seconds += time.perf_counter() - t0
+        if self.steps < self.min_tokens:
+            col = EOS_ID if columns is None else int(np.searchsorted(columns, EOS_ID))
+            if columns is None or (col < len(columns) and columns[col] == EOS_ID):
+                logits = logits.copy()
+                logits[:, col] = -np.inf
         self.steps += 1
-        return out
+        return logits, lse
 
 
-def ours(runtime, task: str, constraint, beams: int, normalize: str = "exact"):
-    """A request function for our runtimes: (text, payload) -> (top items or tokens, timing parts in seconds)."""
+class TimedRuntime:
+    """A runtime as `Recommender` sees it (`.tokenizer`, `.start(task, texts)`), timing what the recommender
+    asks of it: `start` (tokenize + embed + encoder) and every decoder step of the sessions it returns."""
 
-    def run(text: str, payload) -> tuple[list, dict]:
+    def __init__(self, runtime, min_tokens: int = 0) -> None:
+        self.runtime, self.tokenizer, self.min_tokens = runtime, runtime.tokenizer, min_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.encode, self.sessions = 0.0, []
+
+    def start(self, task: str, texts: list[str]) -> TimedSession:
         t0 = time.perf_counter()
-        session = TimedSession(runtime.start(task, [text], beams))
-        t1 = time.perf_counter()
-        if task == "explanation":
-            hyps = beam_search(
-                session, 1, beams, EXPLANATION_TOKENS, EOS_ID, min_new_tokens=EXPLANATION_TOKENS, num_return=1
-            )
-            out = list(hyps[0][0].tokens)
-        else:
-            hyps = beam_search(
-                session,
-                1,
-                beams,
-                MAX_NEW_TOKENS,
-                EOS_ID,
-                constraints=[constraint(payload)],
-                length_penalty=0.0,
-                normalize=normalize,
-            )
-            out = [h.value for h in hyps[0]][:TOP]
+        session = self.runtime.start(task, texts)
+        self.encode += time.perf_counter() - t0
+        self.sessions.append(TimedSession(session, self.min_tokens))
+        return self.sessions[-1]
+
+    def parts(self) -> dict:
+        return {
+            "encode": self.encode,
+            "decode": sum(s.seconds for s in self.sessions),
+            "steps": sum(s.steps for s in self.sessions),
+        }
+
+
+def recommender(runtime, catalog: Catalog, task: str, beams: int, normalize: str = "exact") -> Recommender:
+    """The one recommender over a timed runtime. Explanations: plain beam search (one group; HF 5.x has no group
+    beam search) of exactly EXPLANATION_TOKENS tokens."""
+    config = DecodingConfig(
+        beams=beams,
+        explanation_beams=beams,
+        explanation_groups=1,
+        max_explanation_tokens=EXPLANATION_TOKENS,
+        normalizer=normalize,
+    )
+    timed = TimedRuntime(runtime, EXPLANATION_TOKENS if task == "explanation" else 0)
+    return Recommender(timed, catalog, config)
+
+
+def ours(rec: Recommender, task: str):
+    """A request function for our runtimes: job -> (top items or explanation text, timing parts in seconds).
+
+    The request is one `Recommender` call, as `pod serve` and `pod evaluate` make it; the wrapped runtime
+    splits its time into encode and decode, search is the rest (inputs, constraints, beam bookkeeping)."""
+    call = {"sequential": rec.sequential, "topn": rec.topn, "explanation": rec.explain}[task]
+    timed: TimedRuntime = rec.runtime
+
+    def run(job) -> tuple[list | str, dict]:
+        timed.reset()
+        t0 = time.perf_counter()
+        (result,) = call([job])
         total = time.perf_counter() - t0
-        parts = {"encode": t1 - t0, "decode": session.seconds, "steps": session.steps}
+        out = result.text if task == "explanation" else [item for item, _ in result.items]
+        parts = timed.parts()
         parts["search"] = total - parts["encode"] - parts["decode"]
         return out, {"total": total, **parts}
 
     return run
 
 
-def hf(runtime: TorchRuntime, task: str, constraint, beams: int, constrained: bool = True, item_tokens: int = 5):
+def job_input(rec: Recommender, task: str, job) -> tuple[str, object]:
+    """A job's encoder input, as the recommender writes it, and its constraint, as the recommender builds it
+    (None for explanations): what the HF baseline gets, so both sides decode the same thing."""
+    cat = rec.catalog
+    if task == "sequential":
+        return rec.text(task, job.user, job.history), cat.trie.restrict(set(job.history) | set(job.exclude))
+    if task == "topn":
+        return rec.text(task, job.user, job.candidates), cat.subtrie(job.candidates).restrict()
+    return rec.text(task, job.user, [job.item]), None
+
+
+def hf(runtime: TorchRuntime, rec: Recommender, task: str, beams: int, constrained: bool = True, item_tokens: int = 5):
     """The stock path, one request: HF generate on the same prompt-extended embeddings, constrained by a callback.
 
+    `rec` only supplies the job's input text and its constraint (`job_input`); the search is HF's.
     `constrained=False` is plain `generate` with beams and a fixed number of new tokens (the REFERENCE anchor:
     an item's length, or EXPLANATION_TOKENS for explanations), whose output may be no valid item at all.
 
@@ -156,7 +216,7 @@ def hf(runtime: TorchRuntime, task: str, constraint, beams: int, constrained: bo
     task_index = model.config.task_index(task)
 
     @torch.inference_mode()
-    def run(text: str, history) -> tuple[list, dict]:
+    def run(job) -> tuple[list | str, dict]:
         clock.update(decode=0.0, steps=0)
         hooks = [  # only while this request runs, so the other runtimes never pay for them
             model.t5.get_encoder().register_forward_hook(enc_done),
@@ -164,14 +224,14 @@ def hf(runtime: TorchRuntime, task: str, constraint, beams: int, constrained: bo
             model.t5.register_forward_hook(fwd_done),
         ]
         try:
-            return request(text, history)
+            return request(job)
         finally:
             for h in hooks:
                 h.remove()
 
-    def request(text: str, payload) -> tuple[list, dict]:
+    def request(job) -> tuple[list | str, dict]:
         t0 = time.perf_counter()
-        con = constraint(payload) if task != "explanation" else None
+        text, con = job_input(rec, task, job)
         trie = con.trie if con is not None else None
 
         def allowed(batch_id: int, prefix: torch.Tensor) -> list[int]:
@@ -204,7 +264,7 @@ def hf(runtime: TorchRuntime, task: str, constraint, beams: int, constrained: bo
             total = time.perf_counter() - t0
             parts = {"encode": clock["enc_end"] - t0, "decode": clock["decode"], "steps": clock["steps"]}
             parts["search"] = total - parts["encode"] - parts["decode"]
-            return out[0].tolist()[1:], {"total": total, **parts}
+            return tok.decode(out[0].tolist()[1:]), {"total": total, **parts}
         items: list[int] = []
         for seq in out.tolist():
             node = 0
@@ -234,7 +294,7 @@ def busy_seconds() -> float | None:
 
 
 def time_requests(runners: dict, requests: list, warmup: int, rounds: int) -> tuple[dict, dict]:
-    """Top-10 lists and timings per runtime, in `rounds` rounds of blocks.
+    """Top-10 lists (explanations: texts) and timings per runtime, in `rounds` rounds of blocks; `requests` are jobs.
 
     The timed requests are cut into `rounds` chunks; each round runs every runtime through its chunk, one
     runtime after the other, after untimed warm-up (all `warmup` requests in the first round, one later), so
@@ -248,10 +308,10 @@ def time_requests(runners: dict, requests: list, warmup: int, rounds: int) -> tu
     timings: dict[str, list] = {key: [] for key in runners}
     for r in range(0, len(timed), size):
         for key, fn in runners.items():
-            for text, history in requests[:warmup] if r == 0 else requests[:1]:
-                fn(text, history)
-            for text, history in timed[r : r + size]:
-                items, t = fn(text, history)
+            for job in requests[:warmup] if r == 0 else requests[:1]:
+                fn(job)
+            for job in timed[r : r + size]:
+                items, t = fn(job)
                 lists[key].append(items)
                 timings[key].append(t)
     return lists, timings
@@ -298,29 +358,27 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
             log=lambda m, q=quant: log(f"  [{preset} export {q}] {m}"),
         )
         log(f"  [{preset} export {quant}] {time.perf_counter() - t0:.0f} s")
-    trie = item_trie(tok, data.items)
-    task = args.task
-    if task == "sequential":
-        constraint = trie.restrict
-    else:
-        constraint = lambda cands: Trie((tok.encode_target(item_target(i)), i) for i in cands).restrict()  # noqa: E731
-    item_tokens = max(len(tok.encode_target(item_target(i))) for i in data.items)
+    task, b = args.task, args.beams
+    catalog = Catalog.from_prepared(data, tok)
     torch_rt = TorchRuntime(model, tok, args.device)
-    b = args.beams
-    runners = {"hf": hf(torch_rt, task, constraint, b)}
+    rec = recommender(torch_rt, catalog, task, b)
+    runners = {"hf": hf(torch_rt, rec, task, b)}
     if task != "explanation":
-        runners["hf-plain"] = hf(torch_rt, task, constraint, b, constrained=False, item_tokens=item_tokens)
-    runners["torch"] = ours(torch_rt, task, constraint, b)
+        runners["hf-plain"] = hf(torch_rt, rec, task, b, constrained=False, item_tokens=catalog.longest_item)
+    runners["torch"] = ours(rec, task)
     if task != "explanation":
-        runners["torch-allowed"] = ours(torch_rt, task, constraint, b, "allowed")
+        runners["torch-allowed"] = ours(recommender(torch_rt, catalog, task, b, "allowed"), task)
     if args.device == "cpu":
-        fp32 = OnnxRuntime(Bundle.load(work / "bundle-none"), "cpu", args.threads)
-        int8 = OnnxRuntime(Bundle.load(work / "bundle-int8"), "cpu", args.threads)
-        runners["onnx-fp32"] = ours(fp32, task, constraint, b)
-        runners["onnx-int8"] = ours(int8, task, constraint, b)
-        if task != "explanation":
-            runners["onnx-fp32-allowed"] = ours(fp32, task, constraint, b, "allowed")
-            runners["onnx-int8-allowed"] = ours(int8, task, constraint, b, "allowed")
+        for name in ("fp32", "int8"):  # each bundle behind its own catalog, as `pod serve` loads it
+            bundle = Bundle.load(work / f"bundle-{'none' if name == 'fp32' else name}")
+            onnx_rt, onnx_catalog = OnnxRuntime(bundle, "cpu", args.threads), Catalog.from_bundle(bundle)
+            runners[f"onnx-{name}"] = ours(recommender(onnx_rt, onnx_catalog, task, b), task)
+            if task != "explanation":
+                allowed = recommender(onnx_rt, onnx_catalog, task, b, "allowed")
+                runners[f"onnx-{name}-allowed"] = ours(allowed, task)
+    mean_tokens = float(
+        np.mean([len(tok.encode_input(job_input(rec, task, j)[0])[0]) for j in requests[args.warmup :]])
+    )
     t0, busy0, own0 = time.perf_counter(), busy_seconds(), time.process_time()
     lists, timings = time_requests(runners, requests, args.warmup, args.rounds)
     wall, busy1, own1 = time.perf_counter() - t0, busy_seconds(), time.process_time()
@@ -334,8 +392,10 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
             r["speedup_vs_hf_p50"] = results["hf"]["p50_ms"] / r["p50_ms"]
             continue
         pairs = list(zip(lists["hf"], lists[key]))
-        r["identical_top10_vs_hf"] = sum(a == b for a, b in pairs) / len(pairs)
-        r["top10_overlap_vs_hf"] = float(np.mean([len(set(a) & set(b)) / TOP for a, b in pairs]))
+        r["identical_top10_vs_hf"] = sum(a == b for a, b in pairs) / len(pairs)  # explanations: the same text
+        r["top10_overlap_vs_hf"] = (
+            float(np.mean([len(set(a) & set(b)) / TOP for a, b in pairs])) if task != "explanation" else float("nan")
+        )
         r["speedup_vs_hf_p50"] = results["hf"]["p50_ms"] / r["p50_ms"]
     cfg = model.t5.config
     return {
@@ -349,6 +409,7 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
             "num_prompts": model.config.num_prompts,
         },
         "other_processes_busy_cores": others,
+        "mean_input_tokens": mean_tokens,
         "export_parity": {("fp32" if q == "none" else q): v for q, v in parity.items()},
         "runtimes": {NAMES[k]: v for k, v in results.items()},
     }
@@ -446,17 +507,15 @@ def run(args, threads: int, shapes: list[str], history_len: tuple[int, int], tmp
     data = make_data(data_dir, args.users, history_len, args.seed, args.items)
     tok = benchmark_tokenizer(args.tokenizer, data_dir, data, tmp)
     users = random.Random(args.seed).sample(data.users, args.warmup + args.requests)
-    requests = []
+    requests = []  # one job per request, as `pod serve` hands them to the recommender
     for u in users:
         history, target = data.eval_example(u, "test")
         if args.task == "sequential":
-            requests.append((templates.fill("sequential", templates.BARE, u, history), history))
+            requests.append(SequentialJob(u, history, TOP))
         elif args.task == "topn":
-            cands, _ = data.candidates(u, "test")
-            requests.append((templates.fill("topn", templates.BARE, u, cands), cands))
+            requests.append(TopNJob(u, list(data.candidates(u, "test")[0]), TOP, "beam"))
         else:
-            requests.append((templates.fill("explanation", templates.BARE, u, [target]), None))
-    timed_tokens = float(np.mean([len(tok.encode_input(text)[0]) for text, _ in requests[args.warmup :]]))
+            requests.append(ExplainJob(u, target, EXPLANATION_TOKENS))
 
     device = f"CPU ({os.cpu_count()} cores, {threads} torch threads, {args.threads} ONNX Runtime threads)"
     if args.device == "cuda":
@@ -465,7 +524,7 @@ def run(args, threads: int, shapes: list[str], history_len: tuple[int, int], tmp
     results = {}
     for preset in shapes:
         results[preset] = bench_shape(preset, data, data_dir, tok, requests, args, tmp)
-        results[preset]["mean_input_tokens"] = timed_tokens
+    timed_tokens = next(iter(results.values()))["mean_input_tokens"]  # the same inputs for every shape
     print(f"device {device}; torch {torch.__version__}; latency per request; encode/decode/search: medians in ms")
     for preset, res in results.items():
         print_table(preset, res, args.requests, args.warmup, args.rounds, timed_tokens, args.beams, args.task)

@@ -1,6 +1,11 @@
 """Served latency and throughput: `pod serve` (ONNX and PyTorch runtimes) driven over loopback HTTP at
 concurrency 1, 8 and 32, beside HF `generate` (constrained) called directly in-process. Ratios last.
 
+The server ranks with `pod.recommender.Recommender`; the HF row gets the same input (`Recommender.text`: the
+user's last 20 purchases) and the same constraint (every item of the user's known history excluded) that the
+server builds for a `{"user_id": ..., "k": 10}` request. `pod serve` is the `pod` command installed beside this
+Python (`Path(sys.executable).with_name("pod")`).
+
     python benchmarks/serve_latency.py --checkpoint runs/demo --bundle runs/demo/bundle --seconds 10
 """
 
@@ -26,9 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def start_server(args, runtime: str, port: int) -> subprocess.Popen:
     cmd = [
-        sys.executable,
-        "-m",
-        "pod.cli",
+        str(Path(sys.executable).with_name("pod")),
         "serve",
         "--port",
         str(port),
@@ -96,26 +99,28 @@ def summary(latencies: list[float], elapsed: float, errors: int = 0) -> dict:
 
 
 def hf_direct(args, users: list[int]) -> dict:
+    """HF constrained `generate`, one request at a time in this process, on the jobs the server would run."""
     from runtime_latency import hf
 
-    from pod import templates
     from pod.dataset import PreparedData
     from pod.model import load_checkpoint
+    from pod.recommender import Catalog, Recommender, SequentialJob
     from pod.torch_runtime import TorchRuntime
-    from training.evaluate import item_trie
 
     model, tok, meta = load_checkpoint(args.checkpoint)
     data = PreparedData.load(meta["train_config"]["data"])
-    run = hf(TorchRuntime(model, tok), "sequential", item_trie(tok, data.items).restrict, 20)
+    runtime = TorchRuntime(model, tok)
+    catalog = Catalog.from_prepared(data, tok)  # histories: the whole known sequences, as the bundle's
+    run = hf(runtime, Recommender(runtime, catalog), "sequential", 20)
     rng = random.Random(0)
     latencies = []
     stop = time.perf_counter() + args.seconds
     t0 = time.perf_counter()
     while time.perf_counter() < stop:
         u = rng.choice(users)
-        history = data.sequences[u][-20:]
+        job = SequentialJob(u, catalog.histories[u], 10)  # what the server makes of {"user_id": u, "k": 10}
         s = time.perf_counter()
-        run(templates.fill("sequential", templates.BARE, u, history), history)
+        run(job)
         latencies.append(time.perf_counter() - s)
     return summary(latencies, time.perf_counter() - t0)
 

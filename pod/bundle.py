@@ -17,7 +17,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pod.decoding import Trie
 
 BUNDLE_FORMAT = "pod-bundle"
 BUNDLE_VERSION = 2  # 2: decoder step returns hidden states; output_*.onnx project them
@@ -88,9 +87,6 @@ class Bundle:
             item_tokens={int(k): v for k, v in catalog["item_tokens"].items()},
             histories=histories,
         )
-
-    def item_trie(self) -> Trie:
-        return Trie((tokens, item) for item, tokens in self.item_tokens.items())
 
     def path(self, name: str) -> Path:
         return self.root / name

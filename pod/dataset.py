@@ -1,7 +1,9 @@
 """The prepared data directory: the contract between `pod data` and every later stage.
 
 Layout (format `pod-prepared`, version 1; see docs/DATA.md):
-- `manifest.json`: format, version, counts, seed, item indexing, source files with SHA-256.
+- `manifest.json`: format, version, counts, seed, item indexing (`item_index`: how items are numbered) and
+  the default item writing for training (`item_ids`: digits, token or collaborative; absent = digits),
+  source files with SHA-256.
 - `sequences.txt`: `user item item ...` with internal 1-based indices, chronological, whole sequence.
   Leave-one-out is implied: last item = test, the one before = validation, the rest = training.
 - `negatives.txt`: `user n_1 ... n_99`, the fixed candidate negatives (never items of that user).
@@ -89,6 +91,11 @@ class PreparedData:
         return sorted(self.id2item)
 
     @property
+    def item_ids(self) -> str:
+        """How `pod train` writes items unless told otherwise; the split is the same in every mode."""
+        return self.manifest.get("item_ids", "digits")
+
+    @property
     def tasks(self) -> list[str]:
         """Tasks this data supports, in the canonical order of `pod.TASKS`."""
         return (["explanation"] if self.explanations["train"] else []) + ["sequential", "topn"]
@@ -101,6 +108,12 @@ class PreparedData:
         seq = self.sequences[user]
         cut = len(seq) - (2 if split == "val" else 1)
         return seq[:cut][-MAX_HISTORY:], seq[cut]
+
+    def history_before(self, user: int, split: str) -> list[int]:
+        """Everything the user bought before the split's target, untruncated (what a recommender excludes;
+        what it reads is truncated where the input is built)."""
+        seq = self.sequences[user]
+        return seq[: len(seq) - (2 if split == "val" else 1)]
 
     def candidates(self, user: int, split: str) -> tuple[list[int], int]:
         """Top-N candidates (target + fixed negatives, in a fixed shuffled order) and the target."""

@@ -203,7 +203,7 @@ def beam_search(
             logp_sent = np.zeros((send.size, 1), dtype=np.float32)  # every live beam can only end: nothing to compute
         else:
             src = None if sent is None else _position(sent, parents[send])
-            logits, lse = _step(session, tokens[send], src, columns, not renormalize)
+            logits, lse = step_logits(session, tokens[send], src, columns, not renormalize)
             logp_sent = logits if renormalize else logits - lse[:, None]
             sent = send
         vocab = logp_sent.shape[1]
@@ -293,7 +293,7 @@ def beam_search(
     return out
 
 
-def _step(
+def step_logits(
     session: DecoderSession, tokens: np.ndarray, parents: np.ndarray | None, columns: np.ndarray | None, lse: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits of `columns` (all when None) and, when asked, the log-normalizer over the whole vocabulary."""

@@ -22,9 +22,3 @@ def item_token(index: int) -> str:
 def item_target(index: int) -> str:
     """The decoder target for an item: its number alone, as in the reference code."""
     return str(index)
-
-
-def parse_item_target(text: str) -> int | None:
-    """Inverse of `item_target`; None for text that is not a plain positive number."""
-    text = text.strip()
-    return int(text) if text.isdigit() and int(text) > 0 else None

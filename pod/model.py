@@ -5,14 +5,14 @@ task's continuous prompt vectors (no whole-word embedding at prompt positions; t
 leading ones). Everything else is plain Hugging Face T5, so any local T5 directory (e.g. `t5-small`) can
 serve as the backbone.
 
-A checkpoint is a directory: `config.json` (enough to rebuild model and tokenizer), `model.safetensors`
-and `spiece.model`. Only safe formats are read.
+A checkpoint is a directory: `config.json` (enough to rebuild model and tokenizer), `model.safetensors`,
+`spiece.model` and, when items have tokens of their own, `items.json` (`Tokenizer.save`/`Tokenizer.load`),
+so a checkpoint always says how it writes items. Only safe formats are read.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,12 +102,6 @@ class PODModel(nn.Module):
         ones = attention_mask.new_ones(attention_mask.shape[0], prompts.shape[1])
         return torch.cat([prompts, tokens], dim=1), torch.cat([ones, attention_mask], dim=1)
 
-    def encode(self, task_index, input_ids, whole_word_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder hidden states and the matching (prompt-extended) attention mask."""
-        embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask)
-        hidden = self.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return hidden, mask
-
     def forward(self, task_index, input_ids, whole_word_ids, attention_mask, labels) -> torch.Tensor:
         """Mean token NLL over the non-padding target tokens (`labels` padded with -100)."""
         embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask)
@@ -130,6 +124,9 @@ def build_model(
     tasks = list(tasks or TASKS)
     if backbone is not None:
         t5 = T5ForConditionalGeneration.from_pretrained(str(backbone), use_safetensors=True)
+        if tokenizer.items.num_tokens and t5.config.vocab_size < tokenizer.vocab_size:
+            # item tokens are new rows after the backbone's vocabulary; they start from the mean embedding
+            t5.resize_token_embeddings(tokenizer.vocab_size)
         if t5.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(
                 f"{backbone}: backbone vocabulary ({t5.config.vocab_size}) is smaller than the tokenizer's "
@@ -151,11 +148,12 @@ def save_checkpoint(model: PODModel, tokenizer: Tokenizer, out: Path, extra: dic
             "version": CHECKPOINT_VERSION,
             "pod": asdict(model.config),
             "tokenizer": "spiece.model",
+            "item_ids": tokenizer.item_mode,
             **(extra or {}),
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         save_model(model, str(tmp / "model.safetensors"))
-        shutil.copyfile(tokenizer.path, tmp / "spiece.model")
+        tokenizer.save(tmp)
         if write_more is not None:
             write_more(tmp)
 
@@ -183,7 +181,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if meta.get("version", 0) > CHECKPOINT_VERSION:
         raise ValueError(f"{path / 'config.json'}: checkpoint version {meta['version']} is newer than this code")
     config = PODConfig(**meta["pod"])
-    tokenizer = Tokenizer(path / meta.get("tokenizer", "spiece.model"), config.whole_word_size)
+    tokenizer = Tokenizer.load(path, config.whole_word_size)
+    if tokenizer.vocab_size > config.t5["vocab_size"]:
+        raise ValueError(
+            f"{path}: the tokenizer needs {tokenizer.vocab_size} embedding rows ({tokenizer.item_mode} item ids), "
+            f"the model has {config.t5['vocab_size']}"
+        )
     model = PODModel(config)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if unexpected or [m for m in missing if not m.endswith(("lm_head.weight", "embed_tokens.weight"))]:

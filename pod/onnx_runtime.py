@@ -84,11 +84,9 @@ class OnnxRuntime:
         self.output_columns = session("output_columns.onnx")
         self.output_full = session("output_full.onnx")
 
-    def start(self, task: str, texts: list[str], num_beams: int = 0) -> OnnxSession:
-        """Encode once per request (cross-attention keys/values included); beams share them.
-
-        `num_beams` is accepted for interface compatibility: the session serves any number of rows per request.
-        """
+    def start(self, task: str, texts: list[str]) -> OnnxSession:
+        """Encode once per request (cross-attention keys/values included); beams share them (the session
+        serves any number of rows per request)."""
         if task not in self.encoders:
             raise ValueError(f"this bundle has no {task!r} encoder (tasks: {', '.join(self.encoders)})")
         cross_kv, mask = self.encoders[task].run(None, self.tokenizer.encode_batch(texts))

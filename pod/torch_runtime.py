@@ -71,11 +71,9 @@ class TorchRuntime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.inference_mode()
-    def start(self, task: str, texts: list[str], num_beams: int = 0, use_prompts: bool = True) -> TorchSession:
-        """Encode once per request; every beam of a request shares its cross-attention keys/values.
-
-        `num_beams` is accepted for interface compatibility: the session serves any number of rows per request.
-        """
+    def start(self, task: str, texts: list[str], use_prompts: bool = True) -> TorchSession:
+        """Encode once per request; every beam of a request shares its cross-attention keys/values (the
+        session serves any number of rows per request)."""
         key = (task, use_prompts)
         if key not in self._encoders:
             self._encoders[key] = EncoderGraph(self.model, task, use_prompts).eval()

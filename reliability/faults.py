@@ -58,7 +58,7 @@ def serve_damaged(bundle: Path, fault: str, workdir: Path, timeout: float = 90.0
     name = damage(bundle, fault, workdir / fault.replace(":", "-"))
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pod.cli", "serve"],
+        [sys.executable, "-m", "cli.main", "serve"],
         env=server_env(workdir / fault.replace(":", "-"), free_port()),
         cwd=ROOT,
         capture_output=True,
@@ -81,7 +81,7 @@ def train_cmd(
     data: Path, out: Path, epochs: int, save_every: int, resume: bool = False, tasks: str = "sequential,topn"
 ) -> list[str]:
     """The training command; a resume is bare `--resume`, the saved run's settings must carry it on."""
-    cmd = [sys.executable, "-m", "pod.cli", "train", "--data", str(data), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "cli.main", "train", "--data", str(data), "--out", str(out), "--no-progress"]
     if resume:
         return [*cmd, "--resume"]
     return [

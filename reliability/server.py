@@ -71,7 +71,7 @@ def serve(bundle: Path, ready_timeout: float = 120.0, **settings: object) -> Ite
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pod.cli", "serve"],
+        [sys.executable, "-m", "cli.main", "serve"],
         env=server_env(bundle, port, **settings),
         cwd=ROOT,
         stdout=subprocess.PIPE,

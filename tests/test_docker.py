@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from pod.cli import build_parser
+from cli.main import build_parser
 from tests.conftest import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -204,7 +204,7 @@ def test_serve_install_has_no_torch_and_every_dependency_is_pinned():
     assert torch_req.specifier.contains(torch_pin)
     # what `pod serve` imports in the slim image: no torch, no Locust
     code = (
-        "import sys, service.app, pod.onnx_runtime, pod.bundle, pod.cli; pod.cli.build_parser(); "
+        "import sys, service.app, pod.onnx_runtime, pod.bundle, cli.main; cli.main.build_parser(); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'locust'}))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -246,7 +246,7 @@ def recording_pod(tmp_path: Path) -> tuple[Path, Path]:
         f"#!{sys.executable}\n"
         "import json, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from pod.cli import build_parser\n"
+        "from cli.main import build_parser\n"
         "build_parser().parse_args(sys.argv[1:])\n"
         f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
     )
@@ -307,7 +307,7 @@ def test_trainer_script_end_to_end_then_serve_like_the_image(tmp_path):
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "pod").write_text(f'#!/bin/sh\nexec {sys.executable} -m pod.cli "$@"\n')
+    (bin_dir / "pod").write_text(f'#!/bin/sh\nexec {sys.executable} -m cli.main "$@"\n')
     (bin_dir / "pod").chmod(0o755)
     bundle = tmp_path / "models" / "bundle"
     done = run_trainer(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pod.cli import main
+from cli.main import main
 from training.evaluate import evaluate
 
 

@@ -11,13 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from export.export import ParityError, export_bundle, top_lists
+from export.export import (
+    SCORE_TOLERANCE,
+    ParityError,
+    check_ranking_parity,
+    export_bundle,
+    same_up_to_ties,
+)
 from pod import templates
 from pod.bundle import Bundle, BundleError
 from pod.dataset import PreparedData
 from pod.decoding import beam_search
 from pod.model import load_checkpoint
 from pod.onnx_runtime import OnnxRuntime
+from pod.recommender import Catalog, Recommender
 from pod.tokenization import EOS_ID
 from pod.torch_runtime import TorchRuntime
 from tests.conftest import ROOT
@@ -42,7 +49,8 @@ def test_bundle_manifest_and_parity_report(exported_bundle):
     )
     parity = manifest["parity"]
     assert parity["max_abs_logit_diff_fp32"] <= 1e-4
-    assert parity["sequential_identical_top20_fp32"] == 1.0 and parity["topn_identical_top20_fp32"] == 1.0
+    assert parity["sequential_differ_beyond_ties_fp32"] == 0 and parity["topn_differ_beyond_ties_fp32"] == 0
+    assert parity["sequential_identical_top10_fp32"] >= 0.9 and parity["topn_identical_top10_fp32"] >= 0.9
 
 
 def test_onnx_beam_search_ranks_like_pytorch(exported_bundle, trained_sequential, default_synth):
@@ -52,11 +60,13 @@ def test_onnx_beam_search_ranks_like_pytorch(exported_bundle, trained_sequential
     model, tok, _ = load_checkpoint(trained_sequential)
     torch_rt = TorchRuntime(model, tok)
     users = data.users[-12:]  # users the export's own check did not necessarily sample
-    trie = bundle.item_trie()
+    catalog = Catalog.from_bundle(bundle)
+    trie = catalog.trie
     for task in ("sequential", "topn"):
-        assert top_lists(onnx_rt, data, users, task, trie, tok, 20) == top_lists(
-            torch_rt, data, users, task, trie, tok, 20
+        _, problems = check_ranking_parity(
+            Recommender(torch_rt, catalog), Recommender(onnx_rt, catalog), data, users, task, 20, SCORE_TOLERANCE
         )
+        assert problems == []
     # the allowed-token normalizer (output columns only, forced end skipped) agrees across runtimes too
     texts = [templates.fill("sequential", templates.BARE, u, data.eval_example(u, "test")[0]) for u in users]
     cons = [trie.restrict(data.eval_example(u, "test")[0]) for u in users]
@@ -76,7 +86,8 @@ def test_onnx_beam_search_ranks_like_pytorch(exported_bundle, trained_sequential
         ]
         for rt in (onnx_rt, torch_rt)
     ]
-    assert lists[0] == lists[1] and all(len(row) == 20 for row in lists[0])
+    assert all(len(row) == 20 for row in lists[0])
+    assert sum(a == b for a, b in zip(*lists)) >= len(users) - 1  # floats may tie; never more than one user
 
 
 @pytest.mark.parametrize("batch,length", [(1, 3), (4, 11), (7, 25)])
@@ -92,7 +103,7 @@ def test_encoder_and_step_logits_match_at_several_shapes(exported_bundle, traine
     enc = {k: torch.from_numpy(v) for k, v in tok.encode_batch(texts).items()}
     with torch.no_grad():
         ref = model.logits(torch.full((batch,), model.config.task_index("topn")), **enc, decoder_input_ids=dec).numpy()
-    session = rt.start("topn", texts, 1)
+    session = rt.start("topn", texts)
     for t in range(dec.shape[1]):
         got = session.step(dec[:, t].numpy(), None if t == 0 else np.arange(batch))
         assert np.abs(got - ref[:, t]).max() <= 1e-4
@@ -159,10 +170,57 @@ def test_onnx_serving_path_imports_no_torch(exported_bundle):
         "from pod.bundle import Bundle\nfrom pod.onnx_runtime import OnnxRuntime\n"
         "from pod.decoding import beam_search\n"
         f"b = Bundle.load({str(exported_bundle)!r})\nrt = OnnxRuntime(b)\n"
-        "s = rt.start('sequential', ['user_3 item_5 item_6'], 4)\n"
-        "h = beam_search(s, 1, 4, 8, 1, constraints=[b.item_trie().restrict([5, 6])], length_penalty=0.0)\n"
-        "assert len(h[0]) == 4 and all(x.value not in (5, 6) for x in h[0])\n"
+        "from pod.recommender import Catalog, Recommender, SequentialJob\n"
+        "rec = Recommender(rt, Catalog.from_bundle(b))\n"
+        "(r,) = rec.sequential([SequentialJob(3, [5, 6], 4)])\n"
+        "assert len(r.items) == 4 and all(i not in (5, 6) for i, _ in r.items)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_near_ties_may_swap_but_real_differences_fail():
+    ref = [(28, -4.150077819824219), (13, -4.150078773498535), (7, -5.0), (9, -6.0)]
+    swapped = [(13, -4.150079), (28, -4.150077), (7, -5.0000002), (9, -6.0)]  # the tie of issue 13
+    assert same_up_to_ties(ref, swapped, SCORE_TOLERANCE) is None
+    at_cut = [(28, -4.15), (13, -4.15), (7, -5.0), (11, -6.0000001)]  # the last place ties an outsider
+    assert same_up_to_ties(ref, at_cut, SCORE_TOLERANCE) is None
+    assert "rank 3" in same_up_to_ties(ref, [(28, -4.15), (13, -4.15), (9, -6.0), (7, -5.0)], SCORE_TOLERANCE)
+    assert same_up_to_ties(ref, [(28, -4.15), (13, -4.15), (7, -5.0), (11, -5.5)], SCORE_TOLERANCE)
+    assert same_up_to_ties(ref, ref[:3], SCORE_TOLERANCE)
+
+
+class _Perturbed:
+    """A runtime whose logits for one item token are pushed up: a graph that computes something else."""
+
+    def __init__(self, runtime, column: int, by: float) -> None:
+        self.runtime, self.column, self.by = runtime, column, by
+        self.tokenizer = runtime.tokenizer
+
+    def start(self, task, texts):
+        session = self.runtime.start(task, texts)
+        column, by = self.column, self.by
+
+        class Session:
+            def step(self, tokens, parents):
+                out = session.step(tokens, parents).copy()
+                out[:, column] += by
+                return out
+
+        return Session()
+
+
+def test_parity_passes_a_constructed_near_tie_and_fails_a_perturbed_graph(exported_bundle, default_synth):
+    data = PreparedData.load(default_synth)
+    bundle = Bundle.load(exported_bundle)
+    catalog = Catalog.from_bundle(bundle)
+    rt = OnnxRuntime(bundle)
+    users = data.users[:8]
+    first = catalog.item_tokens[data.items[0]][0]  # the first token of an item ID
+    tie = Recommender(_Perturbed(rt, first, 3e-5), catalog)  # a near-tie's worth: may swap, must pass
+    _, problems = check_ranking_parity(Recommender(rt, catalog), tie, data, users, "sequential", 10, SCORE_TOLERANCE)
+    assert problems == []
+    wrong = Recommender(_Perturbed(rt, first, 0.5), catalog)
+    _, problems = check_ranking_parity(Recommender(rt, catalog), wrong, data, users, "sequential", 10, SCORE_TOLERANCE)
+    assert problems and "user" in problems[0]

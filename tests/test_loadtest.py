@@ -20,7 +20,7 @@ def loadtest(url: str, bundle: Path, out: Path, *flags: str, run_time: str = "15
     """`pod loadtest` as a user runs it, with more invalid requests than the default mix so every run has some."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "POD_LOADTEST_W_INVALID": "15"}
     env.pop("POD_LOADTEST_BUNDLE", None)
-    cmd = [sys.executable, "-m", "pod.cli", "loadtest", "--host", url, "--bundle", str(bundle)]
+    cmd = [sys.executable, "-m", "cli.main", "loadtest", "--host", url, "--bundle", str(bundle)]
     cmd += ["--users", "4", "--run-time", run_time, "--out", str(out), *flags]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+from pod.items import ItemIndex
 from pod.model import PODModel, build_model, load_checkpoint, save_checkpoint
 from pod.tokenization import Tokenizer
 
@@ -87,3 +88,32 @@ def test_local_pretrained_backbone_is_loaded(t5_spiece, tmp_path):
     assert isinstance(model, PODModel)
     assert torch.equal(model.t5.shared.weight, backbone.shared.weight)
     assert model.config.t5["d_model"] == 64
+
+
+def test_checkpoint_carries_the_item_index(t5_spiece, tmp_path):
+    torch.manual_seed(0)
+    tok = Tokenizer(t5_spiece, items=ItemIndex.token(range(1, 51)))
+    model = build_model(tok, "tiny").eval()
+    assert model.t5.config.vocab_size == tok.vocab_size == 32150
+    ids, ww, mask = _batch(tok, ["user_1 item_2 item_3"])
+    dec = torch.tensor([[0, tok.item_target(7)[0]]])
+    before = model.logits(torch.tensor([1]), ids, ww, mask, dec)
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "items.json").is_file()
+    loaded, tok2, meta = load_checkpoint(tmp_path / "ckpt")
+    assert meta["item_ids"] == "token" and tok2.item_mode == "token" and tok2.vocab_size == 32150
+    assert tok2.item_target(7) == tok.item_target(7)
+    assert torch.equal(before, loaded.eval().logits(torch.tensor([1]), ids, ww, mask, dec))
+    # a checkpoint whose items.json asks for more rows than the model has is refused
+    (tmp_path / "ckpt" / "items.json").write_text(json.dumps(ItemIndex.token(range(1, 99)).to_json()))
+    with pytest.raises(ValueError, match="embedding rows"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_pretrained_backbone_grows_rows_for_item_tokens(t5_spiece, tmp_path):
+    cfg = T5Config(vocab_size=32100, d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5", safe_serialization=True)
+    (tmp_path / "t5" / "spiece.model").write_bytes(t5_spiece.read_bytes())
+    tok = Tokenizer(tmp_path / "t5" / "spiece.model", items=ItemIndex.token(range(1, 11)))
+    model = build_model(tok, backbone=tmp_path / "t5")
+    assert model.t5.get_input_embeddings().weight.shape[0] == 32110 == model.config.t5["vocab_size"]

@@ -41,7 +41,7 @@ def test_reproduce_end_to_end_on_the_synthetic_shop(tmp_path, capsys):
     topn = report["comparison"]["topn"]["rows"]
     assert {"POD (ours)", "POD (ours, exact candidate scoring)", "popularity"} <= set(topn)
     md = (out / "results.md").read_text()
-    assert "a SUBSET: the first 8 test users" in md and "| SASRec (ours, same split) |" in md
+    assert "a SUBSET: a seeded random sample of 8 test users (seed 0)" in md and "| SASRec (ours, same split) |" in md
     assert (out / "eval-sequential.json").is_file() and (out / "run" / "best").is_dir()
     # a second call reuses the prepared data and the trained run
     assert reproduce.main([*argv[:1], "--checkpoint", str(out / "run"), "--tasks", "sequential",

@@ -38,7 +38,7 @@ def serve(bundle: Path, **settings):
         **{f"POD_{k.upper()}": str(v) for k, v in settings.items()},
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pod.cli", "serve"],
+        [sys.executable, "-m", "cli.main", "serve"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -148,6 +148,28 @@ def test_bad_input_gets_a_4xx_naming_the_field(server, body, path, field, text):
     detail = r.json()["detail"]
     assert any(field in map(str, d["loc"]) for d in detail), detail
     assert text in json.dumps(detail), detail
+
+
+STRICT = [
+    ({"user_id": 5, "k": "5"}, "/recommend/sequential", "k"),
+    ({"user_id": 5, "k": 5.0}, "/recommend/sequential", "k"),
+    ({"user_id": 5, "k": True}, "/recommend/sequential", "k"),
+    ({"user_id": 5, "exclude_seen": 1}, "/recommend/sequential", "exclude_seen"),
+    ({"user_id": True}, "/recommend/sequential", "user_id"),
+    ({"user_id": 5, "history": [1.0, 2]}, "/recommend/sequential", "history"),
+    ({"user_id": 5, "candidates": [1, 2], "k": "2"}, "/recommend/topn", "k"),
+    ({"user_id": 5, "item_id": 3, "max_tokens": 8.0}, "/explain", "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("body,path,field", STRICT)
+def test_wrong_json_types_are_refused_not_coerced(server, body, path, field):
+    """`"k": "5"` or `"k": 5.0` is a client's mistake: a 422 naming the field, not an answer for k=5."""
+    r = post(server, path, body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail and all(d["loc"][:2] == ["body", field] for d in detail), detail
+    assert all(d["msg"].startswith("Input should be a valid") for d in detail), detail
 
 
 def test_malformed_and_oversized_bodies(server):

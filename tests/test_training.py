@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from pod.cli import main
+from cli.main import main
 from tests.conftest import ROOT
 from training.train import TrainConfig, train
 
@@ -74,7 +74,7 @@ def test_ddp_two_processes_gloo(small_synth, tmp_path):
         "--nproc_per_node=2",
         "--master_port=29533",
         "-m",
-        "pod.cli",
+        "cli.main",
         "train",
         "--data",
         str(small_synth),
@@ -139,3 +139,92 @@ def test_cli_entry_point_runs(tmp_path):
     out = Path(tmp_path) / "s"
     assert main(["data", "synth", "--out", str(out), "--users", "150", "--items", "120"]) == 0
     assert (out / "manifest.json").is_file()
+
+
+def _parse(text: str) -> tuple[int, list[int]]:
+    from pod.ids import ID_PATTERN
+
+    found = ID_PATTERN.findall(text)
+    return next(int(n) for kind, n in found if kind == "user"), [int(n) for kind, n in found if kind == "item"]
+
+
+def test_sequential_all_holds_every_prefix(small_synth):
+    import random
+    from collections import Counter
+
+    from pod.dataset import MAX_HISTORY, PreparedData
+    from training.samples import epoch_samples
+
+    data = PreparedData.load(small_synth)
+    samples = epoch_samples(data, ["sequential"], random.Random(0), sequential="all")["sequential"]
+    assert len(samples) == sum(len(data.train_items(u)) - 1 for u in data.users)
+    assert Counter(s.item for s in samples) == Counter(i for u in data.users for i in data.train_items(u)[1:])
+    for s in samples:
+        user, history = _parse(s.source)
+        items = data.train_items(user)
+        t = items.index(s.item)
+        assert history == items[max(0, t - MAX_HISTORY) : t] and s.target == ""
+    one = epoch_samples(data, ["sequential"], random.Random(0))["sequential"]
+    assert len(one) == len(data.users)
+
+
+def test_topn_all_gives_every_training_item_fresh_negatives(small_synth):
+    import random
+
+    from pod.dataset import PreparedData
+    from training.samples import epoch_samples
+
+    data = PreparedData.load(small_synth)
+    samples = epoch_samples(data, ["topn"], random.Random(0), topn="all")["topn"]
+    assert len(samples) == sum(len(data.train_items(u)) for u in data.users)
+    negatives = set()
+    for s in samples:
+        user, cands = _parse(s.source)
+        assert len(cands) == len(set(cands)) == 100 and s.item in cands
+        assert not (set(cands) - {s.item}) & set(data.sequences[user])
+        negatives.add(frozenset(cands) - {s.item})
+    assert len(negatives) == len(samples)  # drawn afresh for each positive
+
+
+def test_short_run_in_token_mode_selects_by_hit_rate(tmp_path):
+    from training.data.synth import write_synthetic
+
+    data = tmp_path / "shop"
+    write_synthetic(data, users=200, items=120, seed=3, item_ids="token")  # the manifest's default mode
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        tasks=["sequential"],
+        sequential_samples="all",
+        select_by="hr10",
+        epochs=2,
+        **{**FAST, "batch_size": 32, "log_every": 10},
+    )
+    summary = train(cfg)
+    run = tmp_path / "run"
+    epochs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"event": "epoch"' in x]
+    hr = [e["val_ranking"]["sequential_hr10"] for e in epochs]
+    assert len(hr) == 2 and all(0 <= h <= 1 for h in hr)
+    assert all(0 <= e["val_ranking"]["sequential_ndcg10"] <= h for e, h in zip(epochs, hr))
+    assert summary["best_val"] == max(hr)
+    best = json.loads((run / "best" / "config.json").read_text())
+    assert best["item_ids"] == "token" and best["train_config"]["item_ids"] == "token"
+    assert (run / "best" / "items.json").is_file() and (run / "last" / "items.json").is_file()
+    # 48 validation users, 2 epochs of every prefix (~1,100 samples each)
+    assert json.loads((run / "last" / "training_state.json").read_text())["progress"]["global_step"] > 60
+
+
+def test_collaborative_run_trains_and_resumes(small_synth, tmp_path):
+    common = dict(
+        data=str(small_synth), tasks=["sequential"], item_ids="collaborative", epochs=1, **{**FAST, "val_limit": 16}
+    )
+    train(TrainConfig(out=str(tmp_path / "run"), max_steps=3, **common))
+    summary = train(TrainConfig(out=str(tmp_path / "run"), **common), resume=True)
+    assert summary["epoch"] == 1
+    best = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert best["item_ids"] == "collaborative" and (tmp_path / "run" / "best" / "items.json").is_file()
+
+
+def test_hit_rate_selection_needs_token_ids(small_synth, tmp_path):
+    with pytest.raises(ValueError, match="--select-by hr10 needs"):
+        train(TrainConfig(data=str(small_synth), out=str(tmp_path / "r"), select_by="hr10", **FAST))

@@ -1,11 +1,16 @@
 """Training and validation samples per task, and the batches that feed the model.
 
-A sample is `(task, input_text, target_text)`; texts carry IDs as words (`user_3 item_17 ...`).
-What an epoch holds (Algorithm 1 of the paper):
+A sample is a task, an input text with IDs as words (`user_3 item_17 ...`) and a target: an item for
+sequential and top-N (written by `Tokenizer.item_target`, so the item-id mode is decided in one place),
+a sentence for explanations. What an epoch holds:
 - explanation: every training record once;
-- sequential: one random contiguous segment per user from the training part of the sequence
-  (input = segment minus its last item, at most the last 20; target = the last item);
-- top-N: one positive from the user's training items plus 99 random items the user never touched.
+- sequential, `one` (Algorithm 1 of the paper): one random contiguous segment per user from the training
+  part of the sequence (input = segment minus its last item, at most the last 20; target = the last item);
+  `all`: every prefix of every training part (target = item t, history = the up to 20 items before it).
+  `one` sees each target about once every `len - 1` epochs, which starves a model trained from scratch;
+- top-N, `one`: one positive from the user's training items plus 99 random items the user never touched;
+  `all`: every training item of every user as a positive, each with 99 fresh negatives (inputs are about
+  100 items long, so this costs ~`len - 2` times the `one` epoch).
 Each sample draws a discrete template; validation uses the bare template only.
 """
 
@@ -14,19 +19,27 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pod import templates
 from pod.dataset import MAX_HISTORY, PreparedData
-from pod.ids import item_target
 from pod.tokenization import PAD_ID, Tokenizer
+
+SAMPLINGS = ("one", "all")
 
 
 @dataclass(frozen=True)
 class Sample:
+    """`item` is the target of sequential/top-N samples, `target` the sentence of explanations; `exclude` (set
+    on sequential validation samples only) is everything the user bought before the target, which a ranking
+    metric masks as evaluation does."""
+
     task: str
     source: str
-    target: str
+    target: str = ""
+    item: int | None = None
+    exclude: tuple[int, ...] = ()
 
 
 def sequential_sample(data: PreparedData, user: int, rng: random.Random, template: int) -> Sample:
@@ -37,7 +50,20 @@ def sequential_sample(data: PreparedData, user: int, rng: random.Random, templat
         end = rng.randint(1, len(items) - 1)  # index of the target
         start = rng.randint(0, end - 1)
         history, target = items[start:end][-MAX_HISTORY:], items[end]
-    return Sample("sequential", templates.fill("sequential", template, user, history), item_target(target))
+    return Sample("sequential", templates.fill("sequential", template, user, history), item=target)
+
+
+def sequential_prefixes(data: PreparedData, user: int, rng: random.Random) -> list[Sample]:
+    """Every prefix of the user's training part: targets items[1:], each with the up to 20 items before it."""
+    items = data.train_items(user)
+    return [
+        Sample(
+            "sequential",
+            templates.fill("sequential", templates.draw("sequential", rng), user, items[max(0, t - MAX_HISTORY) : t]),
+            item=items[t],
+        )
+        for t in range(1, len(items))
+    ]
 
 
 def topn_sample(
@@ -52,7 +78,27 @@ def topn_sample(
             chosen.add(item)
     candidates = [positive, *sorted(chosen)]
     rng.shuffle(candidates)
-    return Sample("topn", templates.fill("topn", template, user, candidates), item_target(positive))
+    return Sample("topn", templates.fill("topn", template, user, candidates), item=positive)
+
+
+def topn_all(data: PreparedData, user: int, rng: random.Random, all_items: np.ndarray, negatives: int) -> list[Sample]:
+    """Every training item of the user as a positive, each with its own `negatives` fresh random items the
+    user never touched (vectorized draws with rejection: cheap even for 100k samples)."""
+    touched = np.fromiter(set(data.sequences[user]), dtype=np.int64)
+    gen = np.random.default_rng(rng.getrandbits(64))
+    out = []
+    for positive in data.train_items(user):
+        chosen: dict[int, None] = {}  # insertion-ordered set
+        while len(chosen) < negatives:
+            draw = all_items[gen.integers(0, len(all_items), size=2 * negatives + 8)]
+            for item in draw[~np.isin(draw, touched)].tolist():
+                chosen.setdefault(item)
+                if len(chosen) == negatives:
+                    break
+        candidates = [positive, *chosen]
+        rng.shuffle(candidates)
+        out.append(Sample("topn", templates.fill("topn", templates.draw("topn", rng), user, candidates), item=positive))
+    return out
 
 
 def explanation_sample(record: dict, template: int) -> Sample:
@@ -61,8 +107,14 @@ def explanation_sample(record: dict, template: int) -> Sample:
     )
 
 
-def epoch_samples(data: PreparedData, tasks: list[str], rng: random.Random) -> dict[str, list[Sample]]:
-    """One epoch's training samples per task, drawn from `rng` (so an epoch is reproducible from its seed)."""
+def epoch_samples(
+    data: PreparedData, tasks: list[str], rng: random.Random, sequential: str = "one", topn: str = "one"
+) -> dict[str, list[Sample]]:
+    """One epoch's training samples per task, drawn from `rng` (so an epoch is reproducible from its seed);
+    `sequential` and `topn` choose `one` sample per user or `all` (see the module docstring)."""
+    for name, value in (("sequential", sequential), ("topn", topn)):
+        if value not in SAMPLINGS:
+            raise ValueError(f"{name} samples must be one of {', '.join(SAMPLINGS)}, not {value!r}")
     out: dict[str, list[Sample]] = {}
     users = data.users
     all_items = data.items
@@ -70,8 +122,13 @@ def epoch_samples(data: PreparedData, tasks: list[str], rng: random.Random) -> d
     for task in tasks:
         if task == "explanation":
             out[task] = [explanation_sample(r, templates.draw(task, rng)) for r in data.explanations["train"]]
+        elif task == "sequential" and sequential == "all":
+            out[task] = [s for u in users for s in sequential_prefixes(data, u, rng)]
         elif task == "sequential":
             out[task] = [sequential_sample(data, u, rng, templates.draw(task, rng)) for u in users]
+        elif task == "topn" and topn == "all":
+            pool = np.asarray(all_items, dtype=np.int64)
+            out[task] = [s for u in users for s in topn_all(data, u, rng, pool, negatives)]
         elif task == "topn":
             out[task] = [topn_sample(data, u, rng, templates.draw(task, rng), all_items, negatives) for u in users]
         else:
@@ -92,19 +149,21 @@ def validation_samples(
             out[task] = []
             for u in data.users:
                 history, target = data.eval_example(u, split)
-                out[task].append(Sample(task, templates.fill(task, template, u, history), item_target(target)))
+                text = templates.fill(task, template, u, history)
+                before = data.sequences[u][: len(data.sequences[u]) - (2 if split == "val" else 1)]
+                out[task].append(Sample(task, text, item=target, exclude=tuple(before)))
         elif task == "topn":
             out[task] = []
             for u in data.users:
                 cands, target = data.candidates(u, split)
-                out[task].append(Sample(task, templates.fill(task, template, u, cands), item_target(target)))
+                out[task].append(Sample(task, templates.fill(task, template, u, cands), item=target))
     return {k: v for k, v in out.items() if v}
 
 
 def collate(samples: list[Sample], tokenizer: Tokenizer, task_index: dict[str, int]) -> dict[str, torch.Tensor]:
     """Tokenize and pad a batch; labels are padded with -100 so padding is out of the loss."""
     enc = [tokenizer.encode_input(s.source) for s in samples]
-    tgt = [tokenizer.encode_target(s.target) for s in samples]
+    tgt = [tokenizer.item_target(s.item) if s.item is not None else tokenizer.encode_target(s.target) for s in samples]
     n_in = max(len(ids) for ids, _ in enc)
     n_out = max(len(t) for t in tgt)
     input_ids = torch.full((len(samples), n_in), PAD_ID, dtype=torch.long)

@@ -1,6 +1,8 @@
 """Task-alternated training of a POD model, top to bottom.
 
-One run directory holds everything: `best/` (the checkpoint with the lowest mean validation loss),
+One run directory holds everything: `best/` (the checkpoint with the lowest mean validation loss, or with
+`select_by="hr10"` the highest validation HR@10 of the sequential task: the loss of a one-token item
+target is not the ranking metric, and the two can disagree by several epochs),
 `last/` (the latest state, with optimizer/scheduler/RNG and the position in the epoch, for `--resume`),
 `log.jsonl` (one JSON object per logged step and per epoch), `loss.png` and `spiece.model` when the
 vocabulary was trained here. Resuming replays the interrupted epoch's batches from its seed and skips the
@@ -25,10 +27,14 @@ from tqdm import tqdm
 from pod import TASKS, templates
 from pod.dataset import PreparedData
 from pod.ids import item_token, user_token
+from pod.items import DEFAULT_CLUSTERS, DEFAULT_LEAF_SIZE, ITEM_MODES, ItemIndex
 from pod.model import PODModel, build_model, load_checkpoint, save_checkpoint
 from pod.tokenization import Tokenizer, train_sentencepiece
-from training.samples import Sample, collate, epoch_samples, make_batches, validation_samples
+from training.samples import SAMPLINGS, Sample, collate, epoch_samples, make_batches, validation_samples
 from training.state import read_state, write_state
+
+SELECT_BY = ("loss", "hr10")
+TOP = 10
 
 
 @dataclass
@@ -39,6 +45,12 @@ class TrainConfig:
     backbone: str | None = None
     tokenizer: str | None = None  # a spiece.model; default: the backbone's, else one trained on the data
     vocab_size: int = 800
+    item_ids: str | None = None  # digits | token | collaborative; None: the prepared data's `item_ids`, else digits
+    item_clusters: int = DEFAULT_CLUSTERS  # collaborative: clusters per level
+    item_leaf_size: int = DEFAULT_LEAF_SIZE  # collaborative: largest leaf cluster
+    sequential_samples: str = "one"  # one: a random segment per user per epoch (paper); all: every prefix
+    topn_samples: str = "one"  # one: one positive per user per epoch (paper); all: every training item
+    select_by: str = "loss"  # loss: lowest mean validation loss; hr10: highest sequential HR@10 (token ids)
     strategy: str = "alternated"
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     num_prompts: int = 3
@@ -68,12 +80,44 @@ def log(cfg_out: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def check_config(cfg: TrainConfig, data: PreparedData) -> TrainConfig:
+    """Resolve the item-id mode from the data when not given, and reject combinations that cannot work."""
+    cfg.item_ids = cfg.item_ids or data.item_ids
+    if cfg.item_ids not in ITEM_MODES:
+        raise ValueError(f"--item-ids must be one of {', '.join(ITEM_MODES)}, not {cfg.item_ids!r}")
+    for name in ("sequential_samples", "topn_samples"):
+        if getattr(cfg, name) not in SAMPLINGS:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(SAMPLINGS)}")
+    if cfg.select_by not in SELECT_BY:
+        raise ValueError(f"--select-by must be one of {', '.join(SELECT_BY)}, not {cfg.select_by!r}")
+    if cfg.select_by == "hr10" and (cfg.item_ids != "token" or "sequential" not in cfg.tasks):
+        raise ValueError("--select-by hr10 needs --item-ids token and the sequential task")
+    return cfg
+
+
+def item_index_for(cfg: TrainConfig, data: PreparedData) -> ItemIndex:
+    """The item index of the run; collaborative codes come from the training split only (no leak)."""
+    if cfg.item_ids == "token":
+        return ItemIndex.token(data.items)
+    if cfg.item_ids == "collaborative":
+        return ItemIndex.collaborative(
+            (data.train_items(u) for u in data.users),
+            data.items,
+            clusters=cfg.item_clusters,
+            leaf_size=cfg.item_leaf_size,
+            seed=cfg.seed,
+        )
+    return ItemIndex.digits()
+
+
 def tokenizer_for(cfg: TrainConfig, data: PreparedData, out: Path) -> Tokenizer:
-    """The backbone's or the given SentencePiece model, else a small one trained on this data."""
+    """The backbone's or the given SentencePiece model, else a small one trained on this data, with the run's
+    item index (the same SentencePiece model serves every mode, so `digits` stays what it always was)."""
+    index = item_index_for(cfg, data)
     if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer)
+        return Tokenizer(cfg.tokenizer, items=index)
     if cfg.backbone:
-        return Tokenizer(Path(cfg.backbone) / "spiece.model")
+        return Tokenizer(Path(cfg.backbone) / "spiece.model", items=index)
     path = out / "spiece.model"
     if not path.exists():
         corpus = [r["explanation"] for r in data.explanations["train"]]
@@ -83,7 +127,7 @@ def tokenizer_for(cfg: TrainConfig, data: PreparedData, out: Path) -> Tokenizer:
                 corpus += [templates.fill(task, t, u, items[k % len(items) :][:3]) for k, u in enumerate(users[:50])]
         corpus += [f"{user_token(u)} {item_token(i)} {i}" for u, i in zip(users * 10, data.items)]
         train_sentencepiece(corpus, path, cfg.vocab_size)
-    return Tokenizer(path)
+    return Tokenizer(path, items=index)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -107,28 +151,69 @@ def validate(
     device: torch.device,
     rank: int,
     world: int,
-) -> dict[str, float]:
-    """Token-weighted mean NLL per task on the validation samples, plus `total` = mean over tasks."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Token-weighted mean NLL per task on the validation samples, plus `total` = mean over tasks; and, with
+    token item ids, the sequential task's HR@10 and NDCG@10 (`sequential_hr10`, `sequential_ndcg10`).
+
+    The ranking is exact and nearly free: the first decoder step of the loss pass already holds every item
+    token's logit, so the history items are masked and the target's rank among the rest is counted, which
+    is what a one-step top-10 over all items would return (ties counted in the target's favour).
+    """
     model.eval()
     task_index = {t: model.config.task_index(t) for t in model.config.tasks}
-    out = {}
+    rank_items = tokenizer.item_mode == "token"
+    if rank_items:
+        items, columns = tokenizer.item_columns()
+        columns_t = torch.tensor(columns, device=device)
+        col_of = {item: k for k, item in enumerate(items)}
+    out: dict[str, float] = {}
+    ranking: dict[str, float] = {}
     for task, pool in samples.items():
         pool = pool[rank::world]
         sums = torch.zeros(2, dtype=torch.float64, device=device)
+        hits = torch.zeros(3, dtype=torch.float64, device=device)  # hits@10, ndcg@10, users
         for i in range(0, len(pool), cfg.eval_batch_size):
-            batch = {
-                k: v.to(device) for k, v in collate(pool[i : i + cfg.eval_batch_size], tokenizer, task_index).items()
-            }
+            chunk = pool[i : i + cfg.eval_batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer, task_index).items()}
             with autocast(cfg, device):
-                loss = model(**batch)
+                embeds, mask = model.embed(
+                    batch["task_index"], batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"]
+                )
+                result = model.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"])
+            loss = result.loss
             n = (batch["labels"] != -100).sum()
             sums += torch.stack([loss.double() * n, n.double()])
+            if rank_items and task == "sequential":
+                scores = result.logits[:, 0, :].float().index_select(1, columns_t)
+                for row, s in enumerate(chunk):
+                    seen = [col_of[h] for h in s.exclude if h in col_of and h != s.item]
+                    if seen:
+                        scores[row, seen] = -torch.inf
+                target = torch.tensor([col_of[s.item] for s in chunk], device=device)
+                position = (scores > scores.gather(1, target[:, None])).sum(1)
+                top = position < TOP
+                gain = torch.where(top, 1.0 / torch.log2(position.double() + 2), torch.zeros_like(position).double())
+                hits += torch.stack([top.double().sum(), gain.sum(), torch.tensor(len(chunk), device=device).double()])
         if world > 1:
             dist.all_reduce(sums)
+            dist.all_reduce(hits)
         out[task] = (sums[0] / sums[1]).item()
+        if hits[2] > 0:
+            ranking[f"{task}_hr10"] = (hits[0] / hits[2]).item()
+            ranking[f"{task}_ndcg10"] = (hits[1] / hits[2]).item()
     out["total"] = sum(out.values()) / len(out)
     model.train()
-    return out
+    return out, ranking
+
+
+def selection_value(cfg: TrainConfig, losses: dict[str, float], ranking: dict[str, float]) -> float:
+    """What `best/` and early stopping compare, oriented so that higher is better."""
+    return ranking["sequential_hr10"] if cfg.select_by == "hr10" else -losses["total"]
+
+
+def shown(losses: dict[str, float], ranking: dict[str, float]) -> str:
+    text = "loss " + " ".join(f"{t}={v:.4f}" for t, v in losses.items())
+    return text + "".join(f" {k}={v:.4f}" for k, v in ranking.items())
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -225,6 +310,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         )
         cfg = TrainConfig(**saved)
     data = PreparedData.load(cfg.data)
+    cfg = check_config(cfg, data)
     tasks = [t for t in TASKS if t in cfg.tasks and t in data.tasks]
     if not tasks:
         raise ValueError(f"none of the tasks {cfg.tasks} has data in {cfg.data} (it has {data.tasks})")
@@ -250,9 +336,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     val = validation_samples(data, tasks)
     if cfg.val_limit:
         val = {t: v[: cfg.val_limit] for t, v in val.items()}
+
+    def samples_of(rng: random.Random) -> dict[str, list[Sample]]:
+        return epoch_samples(data, tasks, rng, cfg.sequential_samples, cfg.topn_samples)
+
     n_batches = len(
         make_batches(
-            epoch_samples(data, tasks, random.Random(cfg.seed)),
+            samples_of(random.Random(cfg.seed)),
             cfg.batch_size,
             cfg.strategy,
             random.Random(0),
@@ -290,14 +380,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             model, tokenizer, out / "last", extra, write_more=lambda d: write_state(d, optimizer, scheduler, state)
         )
 
+    def is_better(value: float) -> bool:
+        best = progress["best_val"]
+        return best is None or value > (best if cfg.select_by == "hr10" else -best)
+
+    def best_of(losses: dict[str, float], ranking: dict[str, float]) -> float:
+        """`best_val` keeps its meaning per criterion: the loss (lower is better) or HR@10 (higher)."""
+        return ranking["sequential_hr10"] if cfg.select_by == "hr10" else losses["total"]
+
     start = time.monotonic() - progress["elapsed_s"]
     stop_reason = None
     while progress["epoch"] < cfg.epochs and stop_reason is None:
         epoch = progress["epoch"]
         epoch_rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the epoch's samples and order
-        batches = make_batches(
-            epoch_samples(data, tasks, epoch_rng), cfg.batch_size, cfg.strategy, epoch_rng, rank, world
-        )
+        batches = make_batches(samples_of(epoch_rng), cfg.batch_size, cfg.strategy, epoch_rng, rank, world)
         sums: dict[str, list[float]] = {}
         bar = tqdm(
             total=len(batches),
@@ -363,24 +459,42 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         epoch_done = progress["step_in_epoch"] >= len(batches)
         if not epoch_done:
             if stop_reason.startswith("time box"):  # keep what the time bought as a usable best/
-                losses = validate(model, val, tokenizer, cfg, device, rank, world)
-                if progress["best_val"] is None or losses["total"] < progress["best_val"]:
-                    progress["best_val"] = losses["total"]
+                losses, ranking = validate(model, val, tokenizer, cfg, device, rank, world)
+                if is_better(selection_value(cfg, losses, ranking)):
+                    progress["best_val"] = best_of(losses, ranking)
                     if rank == 0:
                         save_checkpoint(
-                            model, tokenizer, out / "best", {**extra, "epoch": epoch + 0.5, "val_loss": losses}
+                            model,
+                            tokenizer,
+                            out / "best",
+                            {**extra, "epoch": epoch + 0.5, "val_loss": losses, "val_ranking": ranking},
                         )
                 if rank == 0:
-                    print("validation loss at stop " + " ".join(f"{t}={v:.4f}" for t, v in losses.items()))
+                    log(
+                        out,
+                        {
+                            "event": "stop",
+                            "epoch": epoch + 0.5,
+                            "val_loss": losses,
+                            "val_ranking": ranking,
+                            "elapsed_s": time.monotonic() - start,
+                        },
+                    )
+                    print("validation at stop " + shown(losses, ranking), flush=True)
             save_last()  # stopped inside an epoch: resume replays it from here
             break
-        losses = validate(model, val, tokenizer, cfg, device, rank, world)
-        improved = progress["best_val"] is None or losses["total"] < progress["best_val"]
+        losses, ranking = validate(model, val, tokenizer, cfg, device, rank, world)
+        improved = is_better(selection_value(cfg, losses, ranking))
         progress.update(epoch=epoch + 1, step_in_epoch=0, elapsed_s=time.monotonic() - start)
         if improved:
-            progress["best_val"], progress["bad_epochs"] = losses["total"], 0
+            progress["best_val"], progress["bad_epochs"] = best_of(losses, ranking), 0
             if rank == 0:
-                save_checkpoint(model, tokenizer, out / "best", {**extra, "epoch": epoch + 1, "val_loss": losses})
+                save_checkpoint(
+                    model,
+                    tokenizer,
+                    out / "best",
+                    {**extra, "epoch": epoch + 1, "val_loss": losses, "val_ranking": ranking},
+                )
         else:
             progress["bad_epochs"] += 1
         train_loss = {t: s / n for t, (s, n) in sums.items()}
@@ -392,12 +506,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                     "epoch": epoch + 1,
                     "train_loss": train_loss,
                     "val_loss": losses,
+                    "val_ranking": ranking,
                     "best": improved,
                     "elapsed_s": progress["elapsed_s"],
                 },
             )
-            shown = " ".join(f"{t}={v:.4f}" for t, v in losses.items())
-            print(f"epoch {epoch + 1}: validation loss {shown}{'  (best)' if improved else ''}", flush=True)
+            print(f"epoch {epoch + 1}: validation {shown(losses, ranking)}{'  (best)' if improved else ''}", flush=True)
             plot_losses(out)
         if progress["bad_epochs"] >= cfg.patience:
             stop_reason = f"early stop: no improvement for {cfg.patience} epochs"

@@ -6,6 +6,10 @@ Splits follow the paper: leave-one-out for sequential and top-N (implied by the 
 - `sequential`: numbered by first appearance while walking users in order (what P5/POD did; leaks,
   because a new item always gets max-so-far + 1);
 - `random`: a seeded permutation, leak-free.
+
+The manifest also records `item_ids`, how `pod train` writes items unless told otherwise (`digits`,
+`token`, `collaborative`; see `pod.items`). It changes nothing in the files: the leave-one-out split and the
+negatives are the same in every mode, so one prepared directory serves an ablation over all three.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pod import __version__
 from pod.atomic import write_dir_atomically
 from pod.bundle import sha256
 from pod.dataset import PREPARED_FORMAT, PREPARED_VERSION
+from pod.items import ITEM_MODES
 from training.data.raw import DataFormatError, RawData
 
 ITEM_INDEXING = ("keep", "sequential", "random")
@@ -106,25 +111,28 @@ def prepare(
     seed: int = 0,
     num_negatives: int = 99,
     min_length: int = 3,
+    item_ids: str = "digits",
 ) -> dict:
     """Write the prepared directory atomically and return its manifest."""
+    if item_ids not in ITEM_MODES:
+        raise ValueError(f"--item-ids must be one of {', '.join(ITEM_MODES)}, not {item_ids!r}")
     dropped = [u for u, seq in raw.sequences.items() if len(seq) < min_length]
     kept = {u: s for u, s in raw.sequences.items() if len(s) >= min_length}
     if not kept:
         raise ValueError(f"no user has at least {min_length} interactions (needed for train/val/test)")
     raw_kept = RawData(sequences=kept, integer_keys=raw.integer_keys, sources=raw.sources)
-    item_ids = index_items(raw_kept, item_index, seed)
+    item_numbers = index_items(raw_kept, item_index, seed)
     user_ids = index_users(raw_kept)
-    sequences = {user_ids[u]: [item_ids[i] for i in seq] for u, seq in kept.items()}
-    items = sorted(set(item_ids.values()))
+    sequences = {user_ids[u]: [item_numbers[i] for i in seq] for u, seq in kept.items()}
+    items = sorted(set(item_numbers.values()))
     negatives = draw_negatives(sequences, items, num_negatives, seed)
 
     records = []
     for r in raw.explanations:
-        if r.user in user_ids and r.item in item_ids:
+        if r.user in user_ids and r.item in item_numbers:
             rec = {
                 "user": user_ids[r.user],
-                "item": item_ids[r.item],
+                "item": item_numbers[r.item],
                 "explanation": r.explanation,
                 "feature": r.feature,
             }
@@ -138,7 +146,7 @@ def prepare(
         return names.get(key, key)
 
     id2user = {str(user_ids[u]): name(raw.user_names, u) for u in kept}
-    id2item = {str(n): name(raw.item_names, key) for key, n in sorted(item_ids.items(), key=lambda kv: kv[1])}
+    id2item = {str(n): name(raw.item_names, key) for key, n in sorted(item_numbers.items(), key=lambda kv: kv[1])}
     manifest = {
         "format": PREPARED_FORMAT,
         "version": PREPARED_VERSION,
@@ -149,6 +157,7 @@ def prepare(
             "files": [{"path": str(p), "sha256": sha256(p), "bytes": Path(p).stat().st_size} for p in raw.sources],
         },
         "item_index": item_index,
+        "item_ids": item_ids,
         "seed": seed,
         "num_negatives": num_negatives,
         "min_length": min_length,

@@ -1,0 +1,367 @@
+"""The one recommender: turns jobs (user, history or candidates, k, exclusions) into ranked items or sentences.
+
+Offline evaluation (`pod evaluate`), the export's parity checks, the service and the benchmarks all call this
+file, so a number in RESULTS.md and an answer of the server come from the same code. It knows the runtime
+seam (`Runtime.start(task, texts)` -> a decoder session, see `pod.decoding`) and the beam search, and nothing
+of HTTP, of how jobs were batched, or of which runtime (PyTorch, ONNX) sits behind the seam.
+
+Three homes live here:
+- `DecodingConfig`: every decoding default (beams, explanation beams/groups, penalties, normalizer, history
+  truncation), declared once;
+- `Catalog`: who and what the model knows, and the one place item tries are built;
+- `Recommender`: the ranking itself.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from pod import templates
+from pod.dataset import MAX_HISTORY
+from pod.decoding import Constraint, DecoderSession, Trie, beam_search, log_softmax, step_logits
+from pod.tokenization import EOS_ID, PAD_ID, Tokenizer
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How the recommender decodes; the defaults are the paper's (and the reference code's)."""
+
+    beams: int = 20  # sequential and top-N beam search
+    explanation_beams: int = 21
+    explanation_groups: int = 3
+    diversity_penalty: float = 0.0  # group beam search diversity (reference code: 0)
+    max_explanation_tokens: int = 32
+    normalizer: str = "exact"  # item scores: "exact" log-probabilities or "allowed" (renormalized over valid IDs)
+    history: int = MAX_HISTORY  # most recent items kept in a sequential input
+
+    def __post_init__(self) -> None:
+        if self.normalizer not in ("exact", "allowed"):
+            raise ValueError(f"normalizer must be 'exact' or 'allowed', not {self.normalizer!r}")
+        if self.beams < 1 or self.explanation_beams < 1 or self.explanation_beams % self.explanation_groups:
+            raise ValueError(
+                f"beams must be positive and explanation_beams ({self.explanation_beams}) a multiple of "
+                f"explanation_groups ({self.explanation_groups})"
+            )
+
+
+SCORE_ROWS = 2048  # decoder rows per exact-scoring session: bounds the full-vocabulary logits it holds
+
+
+class Runtime(Protocol):
+    """The seam between the recommender and a model runtime (PyTorch eager, ONNX Runtime)."""
+
+    tokenizer: Tokenizer
+
+    def start(self, task: str, texts: list[str]) -> DecoderSession:
+        """Encode a batch once and return a decoder session over it."""
+        ...
+
+
+@dataclass
+class Catalog:
+    """Who and what the model knows: raw <-> internal IDs, item token sequences, known histories."""
+
+    id2user: dict[int, str]
+    id2item: dict[int, str]
+    item_tokens: dict[int, list[int]]
+    histories: dict[int, list[int]]
+    item_ids: str = "digits"  # how items are written (see pod.items): "token" ranks in one decoder step
+    user_index: dict[str, int] = field(init=False)
+    item_index: dict[str, int] = field(init=False)
+    trie: Trie = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.user_index = {raw: i for i, raw in self.id2user.items()}
+        self.item_index = {raw: i for i, raw in self.id2item.items()}
+        self.trie = Trie((tokens, item) for item, tokens in self.item_tokens.items())
+        if self.item_ids == "token":
+            order = sorted(self.item_tokens)
+            self.token_items = np.array(order, dtype=np.int64)  # column n of a one-step ranking is item ...
+            self.item_columns = np.array([self.item_tokens[i][0] for i in order], dtype=np.int64)  # ... its token
+            self.column_of = {item: n for n, item in enumerate(order)}
+
+    @classmethod
+    def from_bundle(cls, bundle) -> Catalog:
+        return cls(
+            bundle.id2user,
+            bundle.id2item,
+            bundle.item_tokens,
+            bundle.histories,
+            bundle.manifest.get("item_ids", "digits"),
+        )
+
+    @classmethod
+    def from_prepared(cls, data, tokenizer: Tokenizer) -> Catalog:
+        """From a prepared data directory; histories are the whole known sequences (as a bundle ships them)."""
+        tokens = {i: tokenizer.item_target(i) for i in data.items}
+        return cls(data.id2user, data.id2item, tokens, data.sequences, getattr(tokenizer, "item_mode", "digits"))
+
+    def subtrie(self, items: Sequence[int]) -> Trie:
+        """The trie of a candidate list (top-N)."""
+        return Trie((self.item_tokens[i], i) for i in items)
+
+    @property
+    def longest_item(self) -> int:
+        return max(len(t) for t in self.item_tokens.values())
+
+    # An ID from outside is an int (an internal index, as in the training files) or a str (a raw ID as in the
+    # data, e.g. an ASIN); callers answer in the form they were asked in, so the client never has to map IDs.
+
+    def resolve_users(self, values: Sequence[int | str]) -> tuple[list[int], list[int | str]]:
+        """Internal indices of the known users among `values` (in order), and the values that name no known
+        user (in order, repeats kept): the caller decides what an unknown user means (a 422, a skipped row)."""
+        return self._resolve(values, self.id2user, self.user_index)
+
+    def resolve_items(self, values: Sequence[int | str]) -> tuple[list[int], list[int | str]]:
+        """Internal indices of the known items among `values` (in order), and the unknown values (in order)."""
+        return self._resolve(values, self.id2item, self.item_index)
+
+    def show_item(self, item: int, form: type[int] | type[str]) -> int | str:
+        """An internal item index in the form a request used: the index itself, or the raw ID."""
+        return item if form is int else self.id2item[item]
+
+    @staticmethod
+    def _resolve(
+        values: Sequence[int | str], internal: dict[int, str], raw: dict[str, int]
+    ) -> tuple[list[int], list[int | str]]:
+        known: list[int] = []
+        unknown: list[int | str] = []
+        for value in values:
+            if isinstance(value, bool):  # JSON true is no ID, though Python counts it as the int 1
+                index = None
+            elif isinstance(value, int):
+                index = value if value in internal else None
+            else:
+                index = raw.get(value)
+            if index is None:
+                unknown.append(value)
+            else:
+                known.append(index)
+        return known, unknown
+
+
+@dataclass
+class SequentialJob:
+    user: int
+    history: list[int]
+    k: int
+    exclude: frozenset[int] = frozenset()
+
+
+@dataclass
+class TopNJob:
+    user: int
+    candidates: list[int]
+    k: int
+    mode: str = "beam"  # "beam": constrained beam search; "score": every candidate's exact log-likelihood
+
+
+@dataclass
+class ExplainJob:
+    user: int
+    item: int
+    max_tokens: int = 32
+
+
+@dataclass
+class Ranked:
+    items: list[tuple[int, float]]  # (item, log-probability), best first
+    tokens: int  # decoder tokens generated for this job
+
+
+@dataclass
+class Explanation:
+    text: str
+    score: float
+    tokens: int
+
+
+class Recommender:
+    def __init__(
+        self,
+        runtime: Runtime,
+        catalog: Catalog,
+        config: DecodingConfig | None = None,
+        template: int = templates.BARE,
+    ) -> None:
+        self.runtime = runtime
+        self.catalog = catalog
+        self.config = config or DecodingConfig()
+        self.template = template  # BARE in serving; WORDY for the paper's continuous+discrete ablation
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.runtime.tokenizer
+
+    # Inputs -----------------------------------------------------------------------------------------------
+
+    def text(self, task: str, user: int, items: Sequence[int]) -> str:
+        """The encoder input of a job; the one place a sequential history is truncated."""
+        if task == "sequential":
+            items = list(items)[-self.config.history :]
+        return templates.fill(task, self.template, user, list(items))
+
+    def input_length(self, task: str, user: int, items: Sequence[int]) -> int:
+        """Token count of a job's input, for bucketing similar jobs into one batch."""
+        return len(self.tokenizer.pieces(self.text(task, user, items)))
+
+    # Ranking ------------------------------------------------------------------------------------------------
+
+    def _rank(self, task: str, texts: list[str], cons: list[Constraint], ks: list[int]) -> list[Ranked]:
+        """One constrained beam search over a batch: each job's best `k` items with their scores."""
+        session = self.runtime.start(task, texts)
+        hyps = beam_search(
+            session,
+            len(texts),
+            self.config.beams,
+            self.catalog.longest_item,
+            EOS_ID,
+            constraints=cons,
+            length_penalty=0.0,
+            normalize=self.config.normalizer,
+        )
+        return [
+            Ranked([(h.value, h.logprob) for h in row][:k], sum(len(h.tokens) for h in row)) for k, row in zip(ks, hyps)
+        ]
+
+    def _one_step(self, task: str, texts: list[str], allowed: list[np.ndarray], ks: list[int]) -> list[Ranked]:
+        """Token item IDs: one decoder step, then an exact top-k over each row's allowed item columns.
+
+        An item is one token, so its score is the log-probability of that token (the `</s>` that follows it is
+        certain for a trained model and is not computed); no beam can prune a good item.
+        """
+        cat = self.catalog
+        session = self.runtime.start(task, texts)
+        exact = self.config.normalizer == "exact"
+        logits, lse = step_logits(session, np.full(len(texts), PAD_ID, dtype=np.int64), None, cat.item_columns, exact)
+        logits = logits.astype(np.float32, copy=False)
+        out = []
+        for row, (cols, k) in enumerate(zip(allowed, ks)):
+            scores = logits[row, cols]
+            scores = scores - lse[row] if exact else log_softmax(scores[None])[0]
+            k = min(k, len(cols))
+            top = np.argpartition(-scores, k - 1)[:k] if k < len(cols) else np.arange(len(cols))
+            top = top[np.lexsort((cat.token_items[cols[top]], -scores[top]))]  # ties: lower item first
+            out.append(Ranked([(int(cat.token_items[cols[n]]), float(scores[n])) for n in top], 1))
+        return out
+
+    def _columns(self, items) -> np.ndarray:
+        return np.array(sorted(self.catalog.column_of[i] for i in items), dtype=np.int64)
+
+    def sequential(self, jobs: Sequence[SequentialJob]) -> list[Ranked]:
+        texts = [self.text("sequential", j.user, j.history) for j in jobs]
+        if self.catalog.item_ids == "token":
+            everything = np.arange(len(self.catalog.token_items))
+            allowed = []
+            for j in jobs:
+                banned = self._columns((set(j.history) | set(j.exclude)) & self.catalog.column_of.keys())
+                allowed.append(np.setdiff1d(everything, banned, assume_unique=True) if banned.size else everything)
+            return self._one_step("sequential", texts, allowed, [j.k for j in jobs])
+        cons = [self.catalog.trie.restrict(set(j.history) | set(j.exclude)) for j in jobs]
+        return self._rank("sequential", texts, cons, [j.k for j in jobs])
+
+    def topn(self, jobs: Sequence[TopNJob]) -> list[Ranked]:
+        out: list[Ranked | None] = [None] * len(jobs)
+        if self.catalog.item_ids == "token":  # one step ranks every candidate exactly: both modes agree
+            texts = [self.text("topn", j.user, j.candidates) for j in jobs]
+            return self._one_step("topn", texts, [self._columns(j.candidates) for j in jobs], [j.k for j in jobs])
+        beam = [n for n, j in enumerate(jobs) if j.mode == "beam"]
+        if beam:
+            texts = [self.text("topn", jobs[n].user, jobs[n].candidates) for n in beam]
+            cons = [self.catalog.subtrie(jobs[n].candidates).restrict() for n in beam]
+            for n, ranked in zip(beam, self._rank("topn", texts, cons, [jobs[n].k for n in beam])):
+                out[n] = ranked
+        by_size: dict[int, list[int]] = {}
+        for n, job in enumerate(jobs):
+            if job.mode == "score":
+                by_size.setdefault(len(job.candidates), []).append(n)
+            elif job.mode != "beam":
+                raise ValueError(f"top-N mode must be 'beam' or 'score', not {job.mode!r}")
+        for group in by_size.values():  # requests with as many candidates share one session
+            per_session = max(1, SCORE_ROWS // len(jobs[group[0]].candidates))
+            for start in range(0, len(group), per_session):
+                part = group[start : start + per_session]
+                for n, ranked in zip(part, self._score([jobs[n] for n in part])):
+                    out[n] = ranked
+        return out  # type: ignore[return-value]
+
+    def _score(self, jobs: Sequence[TopNJob]) -> list[Ranked]:
+        """Exact: every candidate's full log-likelihood; a request's candidates are the rows of its one
+        encoder pass (teacher forcing through the same decoder step the beam search uses)."""
+        width = len(jobs[0].candidates)
+        seqs = [self.catalog.item_tokens[i] for j in jobs for i in j.candidates]
+        session = self.runtime.start("topn", [self.text("topn", j.user, j.candidates) for j in jobs])
+        rows = np.arange(len(seqs))
+        total = np.zeros(len(seqs), dtype=np.float64)
+        tokens = np.full(len(seqs), PAD_ID, dtype=np.int64)  # the decoder start token
+        for t in range(max(len(s) for s in seqs)):
+            logp = log_softmax(session.step(tokens, None if t == 0 else rows))
+            nxt = np.array([s[t] if t < len(s) else PAD_ID for s in seqs], dtype=np.int64)
+            live = np.array([t < len(s) for s in seqs])
+            total += np.where(live, logp[rows, nxt], 0.0)
+            tokens = nxt
+        out = []
+        for n, job in enumerate(jobs):
+            mine = total[n * width : (n + 1) * width]
+            order = np.argsort(-mine, kind="stable")[: job.k]
+            spent = sum(len(s) for s in seqs[n * width : (n + 1) * width])
+            out.append(Ranked([(job.candidates[i], float(mine[i])) for i in order], spent))
+        return out
+
+    def explain(self, jobs: Sequence[ExplainJob]) -> list[Explanation]:
+        cfg = self.config
+        session = self.runtime.start("explanation", [self.text("explanation", j.user, [j.item]) for j in jobs])
+        hyps = beam_search(
+            session,
+            len(jobs),
+            cfg.explanation_beams,
+            max(j.max_tokens for j in jobs),
+            EOS_ID,
+            num_groups=cfg.explanation_groups,
+            diversity_penalty=cfg.diversity_penalty,
+            length_penalty=1.0,
+            num_return=1,
+        )
+        out = []
+        for j, row in zip(jobs, hyps):
+            if not row:
+                out.append(Explanation("", float("-inf"), 0))
+                continue
+            best = row[0]
+            out.append(
+                Explanation(self.tokenizer.decode(best.tokens[: j.max_tokens]), float(best.score), len(best.tokens))
+            )
+        return out
+
+    def warmup(self) -> None:
+        """One job per task so the first real request does not pay for lazy initialisation."""
+        user = next(iter(self.catalog.histories))
+        items = list(self.catalog.item_tokens)
+        self.sequential([SequentialJob(user, self.catalog.histories[user], 5)])
+        self.topn([TopNJob(user, items[:20], 5, "beam"), TopNJob(user, items[:20], 5, "score")])
+        self.explain([ExplainJob(user, items[0], 8)])
+
+
+def by_length(recommender: Recommender, task: str, jobs: Sequence, batch_size: int) -> Iterator[list[int]]:
+    """Offline batching: job indices sorted by input length, so a batch pads little."""
+
+    def items_of(job) -> Sequence[int]:
+        return job.history if task == "sequential" else job.candidates if task == "topn" else [job.item]
+
+    order = sorted(range(len(jobs)), key=lambda n: recommender.input_length(task, jobs[n].user, items_of(jobs[n])))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def sample_users(users: Sequence[int], limit: int | None, seed: int = 0) -> list[int]:
+    """All users, or a seeded random sample of `limit` (sorted): the first users of a file are not a fair
+    sample (they were numbered first, and with kept ids the next-ids rule scores 7x higher on them)."""
+    users = sorted(users)
+    if not limit or limit >= len(users):
+        return users
+    return sorted(random.Random(seed).sample(users, limit))

@@ -1,0 +1,332 @@
+"""The training stage's subcommands: `pod data synth`, `pod data prepare`, `pod train`, `pod evaluate`.
+
+`register` only declares flags (argparse and the standard library); each command imports its modules, and
+with them torch, when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TRAIN_DEFAULTS: dict[str, object] = {
+    "preset": "tiny",
+    "vocab_size": 800,
+    "strategy": "alternated",
+    "tasks": ["explanation", "sequential", "topn"],
+    "num_prompts": 3,
+    "epochs": 10,
+    "batch_size": 64,
+    "eval_batch_size": 128,
+    "lr": 5e-4,
+    "weight_decay": 0.01,
+    "warmup_steps": 0,
+    "schedule": "constant",
+    "clip": 1.0,
+    "patience": 5,
+    "save_every": 0,
+    "log_every": 10,
+    "seed": 0,
+    "device": "auto",
+    "precision": "auto",
+    "item_clusters": 16,
+    "item_leaf_size": 64,
+    "sequential_samples": "one",
+    "topn_samples": "one",
+    "select_by": "loss",
+}
+"""`training.train.TrainConfig`'s defaults, written out by hand for the help text: `pod train` flags default to
+None so that TrainConfig decides, and TrainConfig lives beside torch (tests/test_cli.py keeps the two equal)."""
+
+
+def _default(name: str) -> str:
+    value = TRAIN_DEFAULTS[name]
+    return f"(default: {','.join(value) if isinstance(value, list) else value})"
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from training.data.synth import write_synthetic
+
+    manifest = write_synthetic(
+        args.out, users=args.users, items=args.items, seed=args.seed, item_index=args.item_index, item_ids=args.item_ids
+    )
+    print(f"wrote {args.out}: {json.dumps(manifest['counts'])}")
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from training.data.prepare import prepare
+    from training.data.readers import read_source
+
+    raw = read_source(
+        args.format, [Path(p) for p in args.inputs], Path(args.explanations) if args.explanations else None
+    )
+    manifest = prepare(
+        raw,
+        args.out,
+        source_format=args.format,
+        item_index=args.item_index,
+        seed=args.seed,
+        num_negatives=args.negatives,
+        min_length=args.min_length,
+        item_ids=args.item_ids,
+    )
+    print(f"wrote {args.out}: {json.dumps(manifest['counts'])}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.train import TrainConfig, resume_dir, train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if args.tasks:
+        cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.no_progress:
+        cfg.progress = False
+    if args.resume and args.epochs is None:
+        # `train` takes the epoch count from `cfg` on resume (to allow extending a run); without --epochs that
+        # was the default, 10, which also stretched the LR schedule: a resumed 2-epoch run went on to 10
+        state = resume_dir(Path(args.out)) / "training_state.json"
+        cfg.epochs = json.loads(state.read_text())["progress"]["config"]["epochs"]
+    summary = train(cfg, resume=args.resume)
+    if summary.get("best_val") is not None:
+        print(f"best validation loss {summary['best_val']:.4f}; checkpoint: {Path(args.out) / 'best'}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate, markdown, write_report
+
+    report = evaluate(
+        args.checkpoint,
+        args.data,
+        task=args.task,
+        split=args.split,
+        beams=args.beams,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        seed=args.seed,
+        inference_prompt=args.inference_prompt,
+        device=args.device,
+        progress=not args.no_progress,
+        diversity_penalty=args.diversity_penalty,
+    )
+    print(markdown(report))
+    if args.out:
+        write_report(report, args.out)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+
+
+def _register_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser(
+        "data", help="make a prepared data directory", description="Make a prepared data directory."
+    ).add_subparsers(dest="data_command", required=True)
+
+    synth = data.add_parser(
+        "synth", help="write the embedded synthetic shop", description="Write the embedded synthetic shop."
+    )
+    synth.add_argument("--out", required=True, type=Path, help="the prepared data directory to write")
+    synth.add_argument("--users", type=int, default=1000, help="number of users")
+    synth.add_argument("--items", type=int, default=300, help="number of items")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the shop")
+    synth.add_argument(
+        "--item-index",
+        default="keep",
+        choices=["keep", "sequential", "random"],
+        help="item numbering: keep (the generator's), sequential, or random (leak-free)",
+    )
+    synth.add_argument(
+        "--item-ids",
+        default="digits",
+        choices=["digits", "token", "collaborative"],
+        help="how `pod train` writes items unless told otherwise (manifest item_ids); the split is the same",
+    )
+    synth.set_defaults(func=_data_synth)
+
+    prep = data.add_parser(
+        "prepare",
+        help="prepare real data (POD, P5, CSV/Parquet or raw Amazon reviews)",
+        description="Prepare real data: POD, P5, CSV/Parquet or raw Amazon reviews (see docs/DATA.md).",
+    )
+    prep.add_argument(
+        "--format", required=True, choices=["pod", "p5", "csv", "amazon-reviews"], help="the source's format"
+    )
+    prep.add_argument(
+        "inputs",
+        nargs="+",
+        help="pod/p5: the data directory; csv: interactions file; "
+        "amazon-reviews: the reviews JSON lines file (gzip or not)",
+    )
+    prep.add_argument("--explanations", help="csv: explanations file user,item,explanation[,feature]")
+    prep.add_argument("--out", required=True, type=Path, help="the prepared data directory to write")
+    prep.add_argument(
+        "--item-index",
+        default="keep",
+        choices=["keep", "sequential", "random"],
+        help="keep: the source's numbering (paper protocol); random: leak-free",
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of the item permutation, splits and negatives")
+    prep.add_argument("--negatives", type=int, default=99, help="fixed negatives per user for top-N")
+    prep.add_argument("--min-length", type=int, default=3, help="drop users with fewer interactions")
+    prep.add_argument(
+        "--item-ids",
+        default="digits",
+        choices=["digits", "token", "collaborative"],
+        help="how `pod train` writes items unless told otherwise (manifest item_ids); the split is the same",
+    )
+    prep.set_defaults(func=_data_prepare)
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    d = _default
+    tr = sub.add_parser(
+        "train",
+        help="train a POD model (task-alternated by default)",
+        description="Train a POD model (task-alternated by default). Flags left out take TrainConfig's "
+        "defaults, shown below; on --resume, the saved run's settings.",
+    )
+    tr.add_argument("--data", required=True, help="a prepared data directory (`pod data ...`)")
+    tr.add_argument("--out", required=True, help="the run directory (best/, last/, log.jsonl, loss.png)")
+    tr.add_argument("--preset", choices=["tiny", "small", "t5-small"], help=f"model shape {d('preset')}")
+    tr.add_argument(
+        "--backbone",
+        help="local Hugging Face T5 directory (safetensors + spiece.model) (default: none, random weights)",
+    )
+    tr.add_argument("--tokenizer", help="a SentencePiece model (default: backbone's, else trained on the data)")
+    tr.add_argument(
+        "--vocab-size",
+        type=int,
+        dest="vocab_size",
+        help=f"vocabulary of the tokenizer trained on the data {d('vocab_size')}",
+    )
+    tr.add_argument(
+        "--strategy",
+        choices=["alternated", "mixed"],
+        help=f"alternated: one task per batch; mixed: tasks mixed in a batch {d('strategy')}",
+    )
+    tr.add_argument("--tasks", help=f"comma-separated subset of explanation,sequential,topn {d('tasks')}")
+    tr.add_argument(
+        "--num-prompts", type=int, dest="num_prompts", help=f"K continuous prompts per task {d('num_prompts')}"
+    )
+    tr.add_argument("--epochs", type=int, help=f"epochs {d('epochs')}; on --resume: the run's")
+    tr.add_argument(
+        "--max-minutes", type=float, dest="max_minutes", help="stop after this many minutes (default: no limit)"
+    )
+    tr.add_argument("--max-steps", type=int, dest="max_steps", help="stop after this many steps (default: no limit)")
+    tr.add_argument(
+        "--batch-size", type=int, dest="batch_size", help=f"training batch size, as in the paper {d('batch_size')}"
+    )
+    tr.add_argument(
+        "--eval-batch-size", type=int, dest="eval_batch_size", help=f"validation batch size {d('eval_batch_size')}"
+    )
+    tr.add_argument("--lr", type=float, help=f"AdamW learning rate; paper: 5e-4 Beauty/Toys, 1e-3 Sports {d('lr')}")
+    tr.add_argument("--weight-decay", type=float, dest="weight_decay", help=f"AdamW weight decay {d('weight_decay')}")
+    tr.add_argument(
+        "--warmup-steps", type=int, dest="warmup_steps", help=f"linear LR warm-up steps {d('warmup_steps')}"
+    )
+    tr.add_argument(
+        "--schedule", choices=["constant", "linear", "cosine"], help=f"LR schedule after warm-up {d('schedule')}"
+    )
+    tr.add_argument("--clip", type=float, help=f"gradient norm clip, 0 disables {d('clip')}")
+    tr.add_argument("--dropout", type=float, help="dropout rate (default: the preset's)")
+    tr.add_argument("--patience", type=int, help=f"early stop after N epochs without improvement {d('patience')}")
+    tr.add_argument(
+        "--val-limit",
+        type=int,
+        dest="val_limit",
+        help="validate on at most N users/records per task (default: all)",
+    )
+    tr.add_argument(
+        "--save-every",
+        type=int,
+        dest="save_every",
+        help=f"also write last/ every N steps; 0: at epoch ends and when stopping {d('save_every')}",
+    )
+    tr.add_argument("--log-every", type=int, dest="log_every", help=f"log the loss every N steps {d('log_every')}")
+    tr.add_argument("--seed", type=int, help=f"random seed {d('seed')}")
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"auto: CUDA when available {d('device')}")
+    tr.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help=f"auto: bf16 autocast on CUDA, fp32 on CPU {d('precision')}",
+    )
+    tr.add_argument(
+        "--item-ids",
+        dest="item_ids",
+        choices=["digits", "token", "collaborative"],
+        help="items as digit pieces (paper), one token each, or collaborative cluster codes "
+        "(default: the data's manifest item_ids, else digits)",
+    )
+    tr.add_argument(
+        "--item-clusters",
+        type=int,
+        dest="item_clusters",
+        help=f"collaborative: clusters per level {d('item_clusters')}",
+    )
+    tr.add_argument(
+        "--item-leaf-size", type=int, dest="item_leaf_size", help=f"collaborative: largest leaf {d('item_leaf_size')}"
+    )
+    tr.add_argument(
+        "--sequential-samples",
+        dest="sequential_samples",
+        choices=["one", "all"],
+        help=f"one random segment per user per epoch (paper), or every prefix {d('sequential_samples')}",
+    )
+    tr.add_argument(
+        "--topn-samples",
+        dest="topn_samples",
+        choices=["one", "all"],
+        help=f"one positive per user per epoch (paper), or every training item {d('topn_samples')}",
+    )
+    tr.add_argument(
+        "--select-by",
+        dest="select_by",
+        choices=["loss", "hr10"],
+        help=f"best/ and early stopping: validation loss, or sequential HR@10 (token ids) {d('select_by')}",
+    )
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.set_defaults(func=_train)
+
+
+def _register_evaluate(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="HR/NDCG, BLEU/ROUGE with constrained beam search, beside baselines",
+        description="HR/NDCG and BLEU/ROUGE with constrained beam search, beside the popularity, next-ids "
+        "and retrieval baselines.",
+    )
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint directory or a training run directory")
+    ev.add_argument("--data", required=True, help="the prepared data directory the model was trained on")
+    ev.add_argument("--task", default="all", choices=["sequential", "topn", "explanation", "all"], help="task(s)")
+    ev.add_argument("--split", default="test", choices=["val", "test"], help="split to evaluate")
+    ev.add_argument("--beams", type=int, default=20, help="beams for sequential and top-N")
+    ev.add_argument("--batch-size", type=int, default=32, help="users per batch")
+    ev.add_argument(
+        "--limit",
+        type=int,
+        help="evaluate a seeded random sample of N users (and N explanation records) (default: every user)",
+    )
+    ev.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    ev.add_argument(
+        "--inference-prompt",
+        default="continuous",
+        choices=["continuous", "continuous+discrete"],
+        help="prompts at inference; continuous+discrete is the paper's Table 6 ablation",
+    )
+    ev.add_argument(
+        "--diversity-penalty",
+        type=float,
+        default=0.0,
+        help="group beam search diversity for explanations (reference code: 0)",
+    )
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    ev.add_argument("--out", help="write JSON here and Markdown next to it")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_evaluate)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `data synth`, `data prepare`, `train` and `evaluate` to the `pod` command's subparsers."""
+    _register_data(sub)
+    _register_train(sub)
+    _register_evaluate(sub)
