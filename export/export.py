@@ -256,7 +256,7 @@ def export_bundle(
             else:
                 for f in fp32_dir.glob("*.onnx"):
                     shutil.copyfile(f, tmp / f.name)
-            shutil.copyfile(tokenizer.path, tmp / "spiece.model")
+            tokenizer.save(tmp)  # spiece.model, and items.json when items are not digits
             catalog = {
                 "id2user": {str(k): v for k, v in prepared.id2user.items()},
                 "id2item": {str(k): v for k, v in prepared.id2item.items()},
@@ -294,7 +294,9 @@ def export_bundle(
 
             # parity, on the files as written
             (fp32_dir / "bundle.json").write_text(json.dumps({**manifest, "files": {}}))
-            for name in ("spiece.model", "catalog.json", "histories.txt"):
+            for name in ("spiece.model", "items.json", "catalog.json", "histories.txt"):
+                if not (tmp / name).exists():
+                    continue
                 shutil.copyfile(tmp / name, fp32_dir / name)
             fp32 = OnnxRuntime(Bundle.load(fp32_dir, verify=False), provider="cpu")
             written = OnnxRuntime(Bundle.load(tmp), provider="cpu")

@@ -5,7 +5,8 @@ used, so a missing, truncated or tampered file stops start-up with a message nam
 
 Files: `encoder_<task>.onnx` (one per task, prompts folded in), `decoder_step.onnx` (returns hidden states),
 `output_columns.onnx` / `output_full.onnx` (hidden states -> logits of the requested tokens / of all),
-`spiece.model`,
+`spiece.model` and, when items are not written as digits, `items.json` (how each item is written: see
+`pod.items`; `bundle.json`'s `item_ids` names the mode),
 `catalog.json` (raw <-> internal IDs and each item's target tokens, from which the prefix trie is built),
 `histories.txt` (`user item item ...`, the known sequences, for requests without a history).
 """
@@ -17,9 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 BUNDLE_FORMAT = "pod-bundle"
-BUNDLE_VERSION = 2  # 2: decoder step returns hidden states; output_*.onnx project them
+BUNDLE_VERSION = 3  # 2: decoder step returns hidden states; output_*.onnx project them. 3: item_ids, items.json
+READABLE_VERSIONS = (2, 3)  # a version-2 bundle is a digits bundle
 
 
 class BundleError(ValueError):
@@ -57,7 +58,7 @@ class Bundle:
             manifest = json.loads(manifest_file.read_text())
         except json.JSONDecodeError as exc:
             raise BundleError(f"{manifest_file}: not valid JSON ({exc})") from None
-        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
+        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") not in READABLE_VERSIONS:
             raise BundleError(
                 f"{manifest_file}: unsupported bundle format {manifest.get('format')!r} "
                 f"version {manifest.get('version')!r} (this release reads version {BUNDLE_VERSION}; "

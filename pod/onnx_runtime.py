@@ -64,7 +64,7 @@ class OnnxSession(ProjectedSession):
 class OnnxRuntime:
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int = 0) -> None:
         self.bundle = bundle
-        self.tokenizer = Tokenizer(bundle.path("spiece.model"), bundle.manifest["model"]["whole_word_size"])
+        self.tokenizer = Tokenizer.load(bundle.root, bundle.manifest["model"]["whole_word_size"])
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

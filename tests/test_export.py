@@ -33,6 +33,7 @@ from tests.conftest import ROOT
 def test_bundle_manifest_and_parity_report(exported_bundle):
     manifest = json.loads((exported_bundle / "bundle.json").read_text())
     assert manifest["format"] == "pod-bundle" and manifest["dtype"] == "fp32" and manifest["quantization"] == "none"
+    assert manifest["item_ids"] == "token" and manifest["version"] == 3
     assert set(manifest["files"]) == {
         "encoder_explanation.onnx",
         "encoder_sequential.onnx",
@@ -41,6 +42,7 @@ def test_bundle_manifest_and_parity_report(exported_bundle):
         "output_columns.onnx",
         "output_full.onnx",
         "spiece.model",
+        "items.json",
         "catalog.json",
         "histories.txt",
     }
@@ -224,3 +226,46 @@ def test_parity_passes_a_constructed_near_tie_and_fails_a_perturbed_graph(export
     wrong = Recommender(_Perturbed(rt, first, 0.5), catalog)
     _, problems = check_ranking_parity(Recommender(rt, catalog), wrong, data, users, "sequential", 10, SCORE_TOLERANCE)
     assert problems and "user" in problems[0]
+
+
+@pytest.mark.parametrize("item_ids", ["digits", "collaborative"])
+def test_every_item_mode_exports_with_parity_and_ranks_from_the_bundle(item_ids, small_synth, tmp_path):
+    """Token mode is the fixtures' model; the paper's digits and the collaborative codes (several tokens per
+    item: a real trie under the beam search) go through training, export parity and the bundle too."""
+    from training.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(
+        TrainConfig(
+            data=str(small_synth),
+            out=str(run),
+            tasks=["sequential", "topn"],
+            item_ids=item_ids,
+            item_clusters=4,
+            item_leaf_size=16,
+            batch_size=32,
+            lr=1e-3,
+            max_steps=60,
+            val_limit=50,
+            progress=False,
+        )
+    )
+    report = export_bundle(run, tmp_path / "bundle", data=small_synth, parity_users=6, log=lambda *_: None)
+    assert report["sequential_differ_beyond_ties_fp32"] == 0 and report["topn_differ_beyond_ties_fp32"] == 0
+    bundle = Bundle.load(tmp_path / "bundle")
+    assert bundle.manifest["item_ids"] == item_ids
+    catalog = Catalog.from_bundle(bundle)
+    if item_ids == "collaborative":
+        assert min(len(t) for t in catalog.item_tokens.values()) >= 3  # clusters, then the unique token, then </s>
+    rec = Recommender(OnnxRuntime(bundle), catalog)
+    data = PreparedData.load(small_synth)
+    from pod.recommender import SequentialJob, TopNJob
+
+    user = data.users[0]
+    history = data.history_before(user, "test")
+    (seq,) = rec.sequential([SequentialJob(user, history, 10)])
+    items = [i for i, _ in seq.items]
+    assert len(items) == 10 == len(set(items)) and not set(items) & set(history)
+    cands = data.candidates(user, "test")[0]
+    beam, score = rec.topn([TopNJob(user, cands, 5, "beam"), TopNJob(user, cands, 5, "score")])
+    assert set(i for i, _ in beam.items) <= set(cands) and set(i for i, _ in score.items) <= set(cands)
