@@ -158,7 +158,7 @@ def parity_jobs(data: PreparedData, users: list[int], task: str, k: int) -> list
     """The jobs the parity check ranks: each sampled user's test input, as `pod evaluate` builds it."""
     if task == "sequential":
         return [SequentialJob(u, data.history_before(u, "test"), k) for u in users]
-    return [TopNJob(u, data.candidates(u, "test")[0], k, "beam") for u in users]
+    return [TopNJob(u, data.candidates(u, "test")[0], k, "beam", data.history_before(u, "test")) for u in users]
 
 
 def ranked_lists(recommender: Recommender, task: str, jobs: list) -> list[list[tuple[int, float]]]:
@@ -273,6 +273,7 @@ def export_bundle(
                 "tasks": tasks,
                 "num_prompts": model.config.num_prompts,
                 "item_ids": getattr(tokenizer, "item_mode", "digits"),
+                "topn_history": model.config.topn_history,
                 "opset": opset,
                 "dtype": dtype,
                 "quantization": quantize,

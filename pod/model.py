@@ -49,6 +49,7 @@ class PODConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     num_prompts: int = 3
     whole_word_size: int = 512
+    topn_history: bool = False  # top-N inputs start with the user's recent history (see pod.templates)
 
     def task_index(self, task: str) -> int:
         return self.tasks.index(task)
@@ -119,6 +120,7 @@ def build_model(
     num_prompts: int = 3,
     tasks: list[str] | None = None,
     dropout: float | None = None,
+    topn_history: bool = False,
 ) -> PODModel:
     """A fresh POD model: pretrained backbone weights from a local directory, or random from a preset."""
     tasks = list(tasks or TASKS)
@@ -132,9 +134,14 @@ def build_model(
                 f"{backbone}: backbone vocabulary ({t5.config.vocab_size}) is smaller than the tokenizer's "
                 f"({tokenizer.vocab_size})"
             )
-        config = PODConfig(t5=t5.config.to_dict(), tasks=tasks, num_prompts=num_prompts)
+        config = PODConfig(t5=t5.config.to_dict(), tasks=tasks, num_prompts=num_prompts, topn_history=topn_history)
         return PODModel(config, backbone=t5)
-    config = PODConfig(t5=t5_config(preset, tokenizer.vocab_size, dropout), tasks=tasks, num_prompts=num_prompts)
+    config = PODConfig(
+        t5=t5_config(preset, tokenizer.vocab_size, dropout),
+        tasks=tasks,
+        num_prompts=num_prompts,
+        topn_history=topn_history,
+    )
     return PODModel(config)
 
 

@@ -65,6 +65,7 @@ class OnnxRuntime:
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int = 0) -> None:
         self.bundle = bundle
         self.tokenizer = Tokenizer.load(bundle.root, bundle.manifest["model"]["whole_word_size"])
+        self.topn_history = bool(bundle.manifest.get("topn_history", False))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

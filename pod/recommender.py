@@ -49,6 +49,7 @@ class DecodingConfig:
             )
 
 
+UNKNOWN_USER = 0  # internal users start at 1: `user_0` is never trained, so its requests rest on the history alone
 SCORE_ROWS = 2048  # decoder rows per exact-scoring session: bounds the full-vocabulary logits it holds
 
 
@@ -56,6 +57,7 @@ class Runtime(Protocol):
     """The seam between the recommender and a model runtime (PyTorch eager, ONNX Runtime)."""
 
     tokenizer: Tokenizer
+    topn_history: bool  # the model's top-N inputs start with the user's recent history
 
     def start(self, task: str, texts: list[str]) -> DecoderSession:
         """Encode a batch once and return a decoder session over it."""
@@ -159,6 +161,7 @@ class TopNJob:
     candidates: list[int]
     k: int
     mode: str = "beam"  # "beam": constrained beam search; "score": every candidate's exact log-likelihood
+    history: list[int] = field(default_factory=list)  # read only by models trained with top-N history
 
 
 @dataclass
@@ -200,15 +203,24 @@ class Recommender:
 
     # Inputs -----------------------------------------------------------------------------------------------
 
-    def text(self, task: str, user: int, items: Sequence[int]) -> str:
-        """The encoder input of a job; the one place a sequential history is truncated."""
+    def text(self, task: str, user: int, items: Sequence[int], history: Sequence[int] = ()) -> str:
+        """The encoder input of a job; the one place a history is truncated (and dropped for a top-N model
+        trained without one)."""
         if task == "sequential":
             items = list(items)[-self.config.history :]
-        return templates.fill(task, self.template, user, list(items))
+        recent = list(history)[-self.config.history :] if task == "topn" and self.runtime.topn_history else []
+        return templates.fill(task, self.template, user, list(items), recent)
 
-    def input_length(self, task: str, user: int, items: Sequence[int]) -> int:
+    def job_text(self, task: str, job: SequentialJob | TopNJob | ExplainJob) -> str:
+        if task == "sequential":
+            return self.text(task, job.user, job.history)
+        if task == "topn":
+            return self.text(task, job.user, job.candidates, job.history)
+        return self.text(task, job.user, [job.item])
+
+    def input_length(self, task: str, user: int, items: Sequence[int], history: Sequence[int] = ()) -> int:
         """Token count of a job's input, for bucketing similar jobs into one batch."""
-        return len(self.tokenizer.pieces(self.text(task, user, items)))
+        return len(self.tokenizer.pieces(self.text(task, user, items, history)))
 
     # Ranking ------------------------------------------------------------------------------------------------
 
@@ -254,7 +266,7 @@ class Recommender:
         return np.array(sorted(self.catalog.column_of[i] for i in items), dtype=np.int64)
 
     def sequential(self, jobs: Sequence[SequentialJob]) -> list[Ranked]:
-        texts = [self.text("sequential", j.user, j.history) for j in jobs]
+        texts = [self.job_text("sequential", j) for j in jobs]
         if self.catalog.item_ids == "token":
             everything = np.arange(len(self.catalog.token_items))
             allowed = []
@@ -268,11 +280,11 @@ class Recommender:
     def topn(self, jobs: Sequence[TopNJob]) -> list[Ranked]:
         out: list[Ranked | None] = [None] * len(jobs)
         if self.catalog.item_ids == "token":  # one step ranks every candidate exactly: both modes agree
-            texts = [self.text("topn", j.user, j.candidates) for j in jobs]
+            texts = [self.job_text("topn", j) for j in jobs]
             return self._one_step("topn", texts, [self._columns(j.candidates) for j in jobs], [j.k for j in jobs])
         beam = [n for n, j in enumerate(jobs) if j.mode == "beam"]
         if beam:
-            texts = [self.text("topn", jobs[n].user, jobs[n].candidates) for n in beam]
+            texts = [self.job_text("topn", jobs[n]) for n in beam]
             cons = [self.catalog.subtrie(jobs[n].candidates).restrict() for n in beam]
             for n, ranked in zip(beam, self._rank("topn", texts, cons, [jobs[n].k for n in beam])):
                 out[n] = ranked
@@ -295,7 +307,7 @@ class Recommender:
         encoder pass (teacher forcing through the same decoder step the beam search uses)."""
         width = len(jobs[0].candidates)
         seqs = [self.catalog.item_tokens[i] for j in jobs for i in j.candidates]
-        session = self.runtime.start("topn", [self.text("topn", j.user, j.candidates) for j in jobs])
+        session = self.runtime.start("topn", [self.job_text("topn", j) for j in jobs])
         rows = np.arange(len(seqs))
         total = np.zeros(len(seqs), dtype=np.float64)
         tokens = np.full(len(seqs), PAD_ID, dtype=np.int64)  # the decoder start token
@@ -315,7 +327,7 @@ class Recommender:
 
     def explain(self, jobs: Sequence[ExplainJob]) -> list[Explanation]:
         cfg = self.config
-        session = self.runtime.start("explanation", [self.text("explanation", j.user, [j.item]) for j in jobs])
+        session = self.runtime.start("explanation", [self.job_text("explanation", j) for j in jobs])
         hyps = beam_search(
             session,
             len(jobs),
@@ -350,10 +362,8 @@ class Recommender:
 def by_length(recommender: Recommender, task: str, jobs: Sequence, batch_size: int) -> Iterator[list[int]]:
     """Offline batching: job indices sorted by input length, so a batch pads little."""
 
-    def items_of(job) -> Sequence[int]:
-        return job.history if task == "sequential" else job.candidates if task == "topn" else [job.item]
-
-    order = sorted(range(len(jobs)), key=lambda n: recommender.input_length(task, jobs[n].user, items_of(jobs[n])))
+    pieces = recommender.tokenizer.pieces
+    order = sorted(range(len(jobs)), key=lambda n: len(pieces(recommender.job_text(task, jobs[n]))))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 

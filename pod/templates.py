@@ -5,11 +5,17 @@ words say); validation, test and serving use only template 0 unless `continuous+
 asked for, which keeps a fixed wordy template (index 1) for the paper's Table 6 ablation.
 
 Placeholders: `{user}` is one user ID, `{item}` one item ID, `{items}` a space-separated list of item IDs.
+
+Top-N may also read the user's recent history (`history`): the paper's top-N input holds only the user ID and
+the candidates, which a model trained from random weights cannot turn into preferences (the ID is a few
+digit pieces seen once an epoch); with the last purchases in front, the candidates are ranked by what the
+user did, as sequential recommendation is.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from pod.ids import item_token, user_token
 
@@ -44,11 +50,15 @@ BARE = 0
 WORDY = 1
 
 
-def fill(task: str, template: int, user: int, items: list[int]) -> str:
-    """Render a template for internal indices (`items` has one element for explanation)."""
+def fill(task: str, template: int, user: int, items: list[int], history: Sequence[int] = ()) -> str:
+    """Render a template for internal indices (`items` has one element for explanation); a non-empty
+    `history` (top-N with history) goes in front, most recent last, ended by ` .`."""
     text = TEMPLATES[task][template]
     ids = " ".join(item_token(i) for i in items)
-    return text.format(user=user_token(user), items=ids, item=ids)
+    out = text.format(user=user_token(user), items=ids, item=ids)
+    if history:
+        out = " ".join(item_token(i) for i in history) + " . " + out
+    return out
 
 
 def draw(task: str, rng: random.Random) -> int:

@@ -62,6 +62,7 @@ class TorchRuntime:
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
+        self.topn_history = model.config.topn_history
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"
         self.decoder = DecoderStepGraph(self.model).eval()

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pod.dataset import MAX_HISTORY
-from pod.recommender import Catalog, ExplainJob, Ranked, SequentialJob, TopNJob
+from pod.recommender import UNKNOWN_USER, Catalog, ExplainJob, Ranked, SequentialJob, TopNJob
 from service.admission import ClientGone, DeadlinePassed, Overloaded
 from service.dependencies import ReadyRecommender, Settings
 from service.schemas import (
@@ -111,7 +111,10 @@ async def recommend_sequential(
 ) -> Response | RecommendResponse:
     started = time.perf_counter()
     catalog = recommender.catalog
-    user, form = user_of(catalog, body.user_id)
+    if body.history is not None and catalog.resolve_users([body.user_id])[1]:
+        user, form = UNKNOWN_USER, type(body.user_id)  # a user new since training: served from the history alone
+    else:
+        user, form = user_of(catalog, body.user_id)
     if body.history is None:
         history = catalog.histories.get(user)
         if not history:
@@ -128,7 +131,7 @@ async def recommend_sequential(
             )
         history = items_of(catalog, "history", body.history)
         form = type(body.history[0])
-    banned = frozenset(items_of(catalog, "exclude", body.exclude))
+    banned = frozenset(catalog.resolve_items(body.exclude)[0])  # unknown items cannot be recommended anyway
     if body.exclude_seen:
         banned |= frozenset(history)
     if len(banned) >= len(catalog.item_tokens):
@@ -145,7 +148,11 @@ async def recommend_topn(
 ) -> Response | RecommendResponse:
     started = time.perf_counter()
     catalog = recommender.catalog
-    user, _ = user_of(catalog, body.user_id)
+    if body.history and catalog.resolve_users([body.user_id])[1]:
+        user = UNKNOWN_USER  # a user new since training: served from the history alone
+    else:
+        user, _ = user_of(catalog, body.user_id)
+    history = catalog.histories.get(user, []) if body.history is None else items_of(catalog, "history", body.history)
     candidates = items_of(catalog, "candidates", body.candidates)
     seen, dupes = set(), []
     for raw, c in zip(body.candidates, candidates):
@@ -157,7 +164,7 @@ async def recommend_topn(
     if body.mode == "beam" and body.k > settings.beams:
         raise bad("k", f"k={body.k} exceeds the {settings.beams} beams of mode 'beam'; use mode 'score'", body.k)
     form = type(body.candidates[0])
-    job = TopNJob(user, candidates, min(body.k, len(candidates)), body.mode)
+    job = TopNJob(user, candidates, min(body.k, len(candidates)), body.mode, history)
     result = await served(request, "topn", job, len(candidates) // 25)
     return ranked_response(request, catalog, "topn", result, form, started)
 

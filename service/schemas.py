@@ -49,6 +49,11 @@ class TopNRequest(BaseModel):
     candidates: list[Id] = Field(min_length=2, max_length=MAX_LIST)
     k: Count = Field(10, ge=1, le=MAX_LIST)
     mode: Literal["beam", "score"] = Field("beam", description="beam search, or exact scoring of every candidate")
+    history: list[Id] | None = Field(
+        None,
+        max_length=MAX_LIST,
+        description="items in time order, read by models trained with top-N history; default: the known history",
+    )
 
 
 class ExplainRequest(BaseModel):

@@ -105,6 +105,11 @@ def test_happy_paths(server, exported_bundle):
     assert r.status_code == 200
     raw = [x["item_id"] for x in r.json()["items"]]
     assert all(isinstance(i, str) and i.startswith("P") for i in raw) and not {"P00011", "P00012", "P00013"} & set(raw)
+    # a user unknown at training time is served from the history alone; unknown items in `exclude` are ignored
+    r = post(server, "/recommend/sequential", {"user_id": "U-new", "history": ["P00011"], "exclude": ["P-gone"]})
+    assert r.status_code == 200 and len(r.json()["items"]) == 10
+    r = post(server, "/recommend/sequential", {"user_id": "U-new"})
+    assert r.status_code == 422 and "unknown user" in r.text
     cands = list(range(1, 101))
     for mode in ("beam", "score"):
         r = post(server, "/recommend/topn", {"user_id": 5, "candidates": cands, "k": 10, "mode": mode})
@@ -129,7 +134,6 @@ BAD = [
     ({"user_id": [5]}, "/recommend/sequential", "user_id", ""),
     ({"user_id": 5, "k": "ten"}, "/recommend/sequential", "k", "integer"),
     ({"user_id": 5, "surprise": 1}, "/recommend/sequential", "surprise", "Extra inputs"),
-    ({"user_id": 5, "exclude": [123456]}, "/recommend/sequential", "exclude", "123456"),
     ({"user_id": 5, "candidates": [1, 2, 2, 3]}, "/recommend/topn", "candidates", "duplicate candidates: [2]"),
     ({"user_id": 5, "candidates": [1]}, "/recommend/topn", "candidates", "at least 2"),
     ({"user_id": 5, "candidates": list(range(1, 1002))}, "/recommend/topn", "candidates", "at most 1000"),

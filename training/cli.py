@@ -283,6 +283,13 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         choices=["loss", "hr10"],
         help=f"best/ and early stopping: validation loss, or sequential HR@10 (token ids) {d('select_by')}",
     )
+    tr.add_argument(
+        "--topn-history",
+        dest="topn_history",
+        action=argparse.BooleanOptionalAction,
+        help="top-N inputs start with the user's recent history (default: on, except with --item-ids digits, "
+        "the paper's form)",
+    )
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(func=_train)

@@ -141,14 +141,15 @@ def evaluate(
     if "topn" in tasks:
         cands, targets = zip(*(data.candidates(u, split) for u in users)) if users else ((), ())
         t0 = time.perf_counter()
-        jobs = [TopNJob(u, list(c), TOP, "beam") for u, c in zip(users, cands)]
+        histories = {u: data.history_before(u, split) for u in users}
+        jobs = [TopNJob(u, list(c), TOP, "beam", histories[u]) for u, c in zip(users, cands)]
         ranked = run_batched(rec, "topn", jobs, rec.topn, batch_size, progress)
         seconds = time.perf_counter() - t0
         beam_lists = [[i for i, _ in r.items] for r in ranked]
         pop_lists = [sorted(c, key=lambda i: (-popularity.get(i, 0), i))[:TOP] for c in cands]
         res: dict = {"POD": ranking_metrics(beam_lists, targets)}
         if topn_scoring:
-            jobs = [TopNJob(u, list(c), TOP, "score") for u, c in zip(users, cands)]
+            jobs = [TopNJob(u, list(c), TOP, "score", histories[u]) for u, c in zip(users, cands)]
             scored = run_batched(rec, "topn", jobs, rec.topn, batch_size, progress)
             score_lists = [[i for i, _ in r.items] for r in scored]
             res["POD (exact scoring)"] = ranking_metrics(score_lists, targets)

@@ -67,10 +67,18 @@ def sequential_prefixes(data: PreparedData, user: int, rng: random.Random) -> li
 
 
 def topn_sample(
-    data: PreparedData, user: int, rng: random.Random, template: int, all_items: list[int], negatives: int
+    data: PreparedData,
+    user: int,
+    rng: random.Random,
+    template: int,
+    all_items: list[int],
+    negatives: int,
+    history: bool = False,
 ) -> Sample:
     touched = set(data.sequences[user])
-    positive = rng.choice(data.train_items(user))
+    items = data.train_items(user)
+    at = rng.randrange(len(items))
+    positive = items[at]
     chosen: set[int] = set()
     while len(chosen) < negatives:
         item = all_items[rng.randrange(len(all_items))]
@@ -78,16 +86,20 @@ def topn_sample(
             chosen.add(item)
     candidates = [positive, *sorted(chosen)]
     rng.shuffle(candidates)
-    return Sample("topn", templates.fill("topn", template, user, candidates), item=positive)
+    before = items[max(0, at - MAX_HISTORY) : at] if history else ()
+    return Sample("topn", templates.fill("topn", template, user, candidates, before), item=positive)
 
 
-def topn_all(data: PreparedData, user: int, rng: random.Random, all_items: np.ndarray, negatives: int) -> list[Sample]:
+def topn_all(
+    data: PreparedData, user: int, rng: random.Random, all_items: np.ndarray, negatives: int, history: bool = False
+) -> list[Sample]:
     """Every training item of the user as a positive, each with its own `negatives` fresh random items the
     user never touched (vectorized draws with rejection: cheap even for 100k samples)."""
     touched = np.fromiter(set(data.sequences[user]), dtype=np.int64)
     gen = np.random.default_rng(rng.getrandbits(64))
     out = []
-    for positive in data.train_items(user):
+    items = data.train_items(user)
+    for at, positive in enumerate(items):
         chosen: dict[int, None] = {}  # insertion-ordered set
         while len(chosen) < negatives:
             draw = all_items[gen.integers(0, len(all_items), size=2 * negatives + 8)]
@@ -97,7 +109,9 @@ def topn_all(data: PreparedData, user: int, rng: random.Random, all_items: np.nd
                     break
         candidates = [positive, *chosen]
         rng.shuffle(candidates)
-        out.append(Sample("topn", templates.fill("topn", templates.draw("topn", rng), user, candidates), item=positive))
+        before = items[max(0, at - MAX_HISTORY) : at] if history else ()
+        text = templates.fill("topn", templates.draw("topn", rng), user, candidates, before)
+        out.append(Sample("topn", text, item=positive))
     return out
 
 
@@ -108,7 +122,12 @@ def explanation_sample(record: dict, template: int) -> Sample:
 
 
 def epoch_samples(
-    data: PreparedData, tasks: list[str], rng: random.Random, sequential: str = "one", topn: str = "one"
+    data: PreparedData,
+    tasks: list[str],
+    rng: random.Random,
+    sequential: str = "one",
+    topn: str = "one",
+    topn_history: bool = False,
 ) -> dict[str, list[Sample]]:
     """One epoch's training samples per task, drawn from `rng` (so an epoch is reproducible from its seed);
     `sequential` and `topn` choose `one` sample per user or `all` (see the module docstring)."""
@@ -128,9 +147,11 @@ def epoch_samples(
             out[task] = [sequential_sample(data, u, rng, templates.draw(task, rng)) for u in users]
         elif task == "topn" and topn == "all":
             pool = np.asarray(all_items, dtype=np.int64)
-            out[task] = [s for u in users for s in topn_all(data, u, rng, pool, negatives)]
+            out[task] = [s for u in users for s in topn_all(data, u, rng, pool, negatives, topn_history)]
         elif task == "topn":
-            out[task] = [topn_sample(data, u, rng, templates.draw(task, rng), all_items, negatives) for u in users]
+            out[task] = [
+                topn_sample(data, u, rng, templates.draw(task, rng), all_items, negatives, topn_history) for u in users
+            ]
         else:
             raise ValueError(f"unknown task {task!r}")
         rng.shuffle(out[task])
@@ -138,7 +159,11 @@ def epoch_samples(
 
 
 def validation_samples(
-    data: PreparedData, tasks: list[str], split: str = "val", template: int = templates.BARE
+    data: PreparedData,
+    tasks: list[str],
+    split: str = "val",
+    template: int = templates.BARE,
+    topn_history: bool = False,
 ) -> dict[str, list[Sample]]:
     """Fixed evaluation samples per task (bare template unless asked otherwise)."""
     out: dict[str, list[Sample]] = {}
@@ -156,7 +181,8 @@ def validation_samples(
             out[task] = []
             for u in data.users:
                 cands, target = data.candidates(u, split)
-                out[task].append(Sample(task, templates.fill(task, template, u, cands), item=target))
+                history = data.eval_example(u, split)[0] if topn_history else ()
+                out[task].append(Sample(task, templates.fill(task, template, u, cands, history), item=target))
     return {k: v for k, v in out.items() if v}
 
 

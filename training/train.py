@@ -51,6 +51,7 @@ class TrainConfig:
     sequential_samples: str = "one"  # one: a random segment per user per epoch (paper); all: every prefix
     topn_samples: str = "one"  # one: one positive per user per epoch (paper); all: every training item
     select_by: str = "loss"  # loss: lowest mean validation loss; hr10: highest sequential HR@10 (token ids)
+    topn_history: bool | None = None  # top-N inputs start with the recent history; None: unless item_ids is digits
     strategy: str = "alternated"
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     num_prompts: int = 3
@@ -88,6 +89,8 @@ def check_config(cfg: TrainConfig, data: PreparedData) -> TrainConfig:
     for name in ("sequential_samples", "topn_samples"):
         if getattr(cfg, name) not in SAMPLINGS:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(SAMPLINGS)}")
+    if cfg.topn_history is None:
+        cfg.topn_history = cfg.item_ids != "digits"  # the paper's form keeps the paper's top-N prompt
     if cfg.select_by not in SELECT_BY:
         raise ValueError(f"--select-by must be one of {', '.join(SELECT_BY)}, not {cfg.select_by!r}")
     if cfg.select_by == "hr10" and (cfg.item_ids != "token" or "sequential" not in cfg.tasks):
@@ -332,17 +335,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if world > 1:
             dist.barrier()
         tokenizer = tokenizer or tokenizer_for(cfg, data, out)
-        model = build_model(tokenizer, cfg.preset, cfg.backbone, cfg.num_prompts, list(TASKS), cfg.dropout)
+        model = build_model(
+            tokenizer, cfg.preset, cfg.backbone, cfg.num_prompts, list(TASKS), cfg.dropout, cfg.topn_history
+        )
     model.to(device).train()
     task_index = {t: model.config.task_index(t) for t in model.config.tasks}
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    val = validation_samples(data, tasks)
+    val = validation_samples(data, tasks, topn_history=model.config.topn_history)
     if cfg.val_limit:
         val = {t: v[: cfg.val_limit] for t, v in val.items()}
 
     def samples_of(rng: random.Random) -> dict[str, list[Sample]]:
-        return epoch_samples(data, tasks, rng, cfg.sequential_samples, cfg.topn_samples)
+        return epoch_samples(data, tasks, rng, cfg.sequential_samples, cfg.topn_samples, model.config.topn_history)
 
     n_batches = len(
         make_batches(
