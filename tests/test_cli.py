@@ -317,11 +317,14 @@ def test_make_demo_reuses_what_exists(tmp_path):
     for stage in ("pod data synth", "pod train", "pod evaluate", "pod export", "pod serve"):
         assert stage in plan, plan
     assert "--limit" not in plan  # the demo evaluates every user
-    (run / "best").mkdir(parents=True)
+    (run / "last").mkdir(parents=True)
     (run / "bundle").mkdir()
     data.mkdir()
+    (run / "last" / "training_state.json").write_text("{}")  # a run stopped before its end: it resumes
+    plan = planned()
+    assert "pod train" in plan and "--resume" in plan
     for i, path in enumerate(
-        [data / "manifest.json", run / "best" / "config.json", run / "eval.json", run / "bundle" / "bundle.json"]
+        [data / "manifest.json", run / ".trained", run / "eval.json", run / "bundle" / "bundle.json"]
     ):
         path.write_text("{}")
         os.utime(path, (1_000_000 + i, 1_000_000 + i))

@@ -32,9 +32,9 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "precision": "auto",
     "item_clusters": 16,
     "item_leaf_size": 64,
-    "sequential_samples": "one",
+    "sequential_samples": "all",
     "topn_samples": "one",
-    "select_by": "loss",
+    "select_by": "auto",
 }
 """`training.train.TrainConfig`'s defaults, written out by hand for the help text: `pod train` flags default to
 None so that TrainConfig decides, and TrainConfig lives beside torch (tests/test_cli.py keeps the two equal)."""
@@ -136,9 +136,10 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     )
     synth.add_argument(
         "--item-ids",
-        default="digits",
+        default="token",
         choices=["digits", "token", "collaborative"],
-        help="how `pod train` writes items unless told otherwise (manifest item_ids); the split is the same",
+        help="how `pod train` writes items unless told otherwise (manifest item_ids; digits is the paper's "
+        "form); the split is the same",
     )
     synth.set_defaults(func=_data_synth)
 
@@ -169,9 +170,10 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--min-length", type=int, default=3, help="drop users with fewer interactions")
     prep.add_argument(
         "--item-ids",
-        default="digits",
+        default="token",
         choices=["digits", "token", "collaborative"],
-        help="how `pod train` writes items unless told otherwise (manifest item_ids); the split is the same",
+        help="how `pod train` writes items unless told otherwise (manifest item_ids; digits is the paper's "
+        "form); the split is the same",
     )
     prep.set_defaults(func=_data_prepare)
 
@@ -280,8 +282,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     tr.add_argument(
         "--select-by",
         dest="select_by",
-        choices=["loss", "hr10"],
-        help=f"best/ and early stopping: validation loss, or sequential HR@10 (token ids) {d('select_by')}",
+        choices=["auto", "loss", "hr10"],
+        help="best/ and early stopping: validation loss, or sequential HR@10 (token ids); auto: HR@10 where it "
+        f"can be computed, else loss {d('select_by')}",
     )
     tr.add_argument(
         "--topn-history",

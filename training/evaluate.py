@@ -189,6 +189,26 @@ def evaluate(
     return report
 
 
+BASELINES = ("popularity", "next-ids rule", "retrieval")
+
+
+def margin_line(res: dict) -> str | None:
+    """POD against the strongest baseline on the headline metric (HR@10 and NDCG@10, or BLEU-4 and ROUGE-L)."""
+    baselines = {k: v for k, v in res.items() if k in BASELINES and isinstance(v, dict)}
+    if "POD" not in res or not baselines:
+        return None
+    out = []
+    for metric in ("HR@10", "NDCG@10", "BLEU-4", "ROUGE-L"):
+        if metric not in res["POD"]:
+            continue
+        name, best = max(((k, v[metric]) for k, v in baselines.items()), key=lambda x: x[1])
+        ours = res["POD"][metric]
+        ratio = f", {ours / best:.1f}x" if best > 0 else ""
+        verdict = "beats" if ours > best else "does NOT beat"
+        out.append(f"{metric} {ours:.4g} {verdict} {name} {best:.4g} by {ours - best:+.4g}{ratio}")
+    return "margin over the strongest baseline: " + "; ".join(out)
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown tables, one per task, baselines beside the model."""
     lines = [
@@ -204,6 +224,9 @@ def markdown(report: dict) -> str:
         for name, vals in rows.items():
             fmt = "{:.4f}" if task != "explanation" else "{:.2f}"
             lines.append(f"| {name} | " + " | ".join(fmt.format(vals[m]) for m in metrics) + " |")
+        margin = margin_line(res)
+        if margin:
+            lines.append("\n" + margin)
         if "beam vs scoring" in res:
             d = res["beam vs scoring"]
             lines.append(

@@ -33,7 +33,7 @@ from pod.tokenization import Tokenizer, train_sentencepiece
 from training.samples import SAMPLINGS, Sample, collate, epoch_samples, make_batches, validation_samples
 from training.state import read_state, write_state
 
-SELECT_BY = ("loss", "hr10")
+SELECT_BY = ("auto", "loss", "hr10")
 TOP = 10
 
 
@@ -48,9 +48,10 @@ class TrainConfig:
     item_ids: str | None = None  # digits | token | collaborative; None: the prepared data's `item_ids`, else digits
     item_clusters: int = DEFAULT_CLUSTERS  # collaborative: clusters per level
     item_leaf_size: int = DEFAULT_LEAF_SIZE  # collaborative: largest leaf cluster
-    sequential_samples: str = "one"  # one: a random segment per user per epoch (paper); all: every prefix
+    sequential_samples: str = "all"  # one: a random segment per user per epoch (paper); all: every prefix
     topn_samples: str = "one"  # one: one positive per user per epoch (paper); all: every training item
-    select_by: str = "loss"  # loss: lowest mean validation loss; hr10: highest sequential HR@10 (token ids)
+    select_by: str = "auto"  # loss: lowest mean validation loss; hr10: highest sequential HR@10 (token ids); auto:
+    # hr10 where it can be computed (token ids and the sequential task), else loss
     topn_history: bool | None = None  # top-N inputs start with the recent history; None: unless item_ids is digits
     strategy: str = "alternated"
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -67,7 +68,7 @@ class TrainConfig:
     clip: float = 1.0
     dropout: float | None = None  # default: the preset's
     patience: int = 5
-    val_limit: int | None = None  # validate on at most this many users/records per task
+    val_limit: int | None = None  # validate on a seeded random sample of this many users/records per task
     save_every: int = 0  # also write last/ every N steps (0: at epoch ends and when stopping)
     log_every: int = 10
     seed: int = 0
@@ -91,6 +92,8 @@ def check_config(cfg: TrainConfig, data: PreparedData) -> TrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(SAMPLINGS)}")
     if cfg.topn_history is None:
         cfg.topn_history = cfg.item_ids != "digits"  # the paper's form keeps the paper's top-N prompt
+    if cfg.select_by == "auto":
+        cfg.select_by = "hr10" if cfg.item_ids == "token" and "sequential" in cfg.tasks else "loss"
     if cfg.select_by not in SELECT_BY:
         raise ValueError(f"--select-by must be one of {', '.join(SELECT_BY)}, not {cfg.select_by!r}")
     if cfg.select_by == "hr10" and (cfg.item_ids != "token" or "sequential" not in cfg.tasks):
@@ -343,8 +346,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     val = validation_samples(data, tasks, topn_history=model.config.topn_history)
-    if cfg.val_limit:
-        val = {t: v[: cfg.val_limit] for t, v in val.items()}
+    if cfg.val_limit:  # a seeded random sample: the first users of a file were numbered first, not a fair sample
+        val = {
+            t: [v[i] for i in sorted(random.Random(cfg.seed).sample(range(len(v)), min(cfg.val_limit, len(v))))]
+            for t, v in val.items()
+        }
 
     def samples_of(rng: random.Random) -> dict[str, list[Sample]]:
         return epoch_samples(data, tasks, rng, cfg.sequential_samples, cfg.topn_samples, model.config.topn_history)

@@ -111,7 +111,7 @@ def prepare(
     seed: int = 0,
     num_negatives: int = 99,
     min_length: int = 3,
-    item_ids: str = "digits",
+    item_ids: str = "token",
 ) -> dict:
     """Write the prepared directory atomically and return its manifest."""
     if item_ids not in ITEM_MODES:

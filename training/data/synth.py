@@ -161,7 +161,7 @@ def synthesize(
 
 
 def write_synthetic(
-    out: Path, users: int = 1000, items: int = 300, seed: int = 0, item_index: str = "keep", item_ids: str = "digits"
+    out: Path, users: int = 1000, items: int = 300, seed: int = 0, item_index: str = "keep", item_ids: str = "token"
 ) -> dict:
     raw = synthesize(users=users, items=items, seed=seed)
     return prepare(raw, out, source_format="synthetic", item_index=item_index, seed=seed, item_ids=item_ids)
