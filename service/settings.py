@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pod.recommender import DecodingConfig
 from service.schemas import MAX_LIST
 
 
@@ -28,10 +29,10 @@ class ServeSettings(BaseSettings):
     max_history: int = Field(
         MAX_LIST, ge=1, le=MAX_LIST, description="longest history accepted (the model reads the last 20)"
     )
-    beams: int = Field(20, ge=1, le=100)
-    explanation_beams: int = Field(21, ge=1)
-    explanation_groups: int = Field(3, ge=1)
-    diversity_penalty: float = 0.0
+    beams: int = Field(DecodingConfig.beams, ge=1, le=100)
+    explanation_beams: int = Field(DecodingConfig.explanation_beams, ge=1)
+    explanation_groups: int = Field(DecodingConfig.explanation_groups, ge=1)
+    diversity_penalty: float = DecodingConfig.diversity_penalty
     normalizer: Literal["exact", "allowed"] = Field(
         "exact",
         description="item scores: exact log-probabilities (the paper's ranking), or renormalized over the tokens "

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pod.recommender import DecodingConfig  # numpy and sentencepiece only: the defaults' one home
+
 TRAIN_DEFAULTS: dict[str, object] = {
     "preset": "tiny",
     "vocab_size": 800,
@@ -94,6 +96,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from pod.recommender import DecodingConfig
     from training.evaluate import evaluate, markdown, write_report
 
     report = evaluate(
@@ -101,14 +104,13 @@ def _evaluate(args: argparse.Namespace) -> None:
         args.data,
         task=args.task,
         split=args.split,
-        beams=args.beams,
         batch_size=args.batch_size,
         limit=args.limit,
         seed=args.seed,
         inference_prompt=args.inference_prompt,
         device=args.device,
         progress=not args.no_progress,
-        diversity_penalty=args.diversity_penalty,
+        config=DecodingConfig(beams=args.beams, diversity_penalty=args.diversity_penalty),
     )
     print(markdown(report))
     if args.out:
@@ -309,7 +311,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", required=True, help="the prepared data directory the model was trained on")
     ev.add_argument("--task", default="all", choices=["sequential", "topn", "explanation", "all"], help="task(s)")
     ev.add_argument("--split", default="test", choices=["val", "test"], help="split to evaluate")
-    ev.add_argument("--beams", type=int, default=20, help="beams for sequential and top-N")
+    ev.add_argument("--beams", type=int, default=DecodingConfig.beams, help="beams for sequential and top-N")
     ev.add_argument("--batch-size", type=int, default=32, help="users per batch")
     ev.add_argument(
         "--limit",
@@ -326,7 +328,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--diversity-penalty",
         type=float,
-        default=0.0,
+        default=DecodingConfig.diversity_penalty,
         help="group beam search diversity for explanations (reference code: 0)",
     )
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")

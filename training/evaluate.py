@@ -17,6 +17,7 @@ are not a fair sample.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -72,32 +73,26 @@ def evaluate(
     data_dir: str | Path,
     task: str = "all",
     split: str = "test",
-    beams: int = 20,
+    beams: int | None = None,
     batch_size: int = 32,
     limit: int | None = None,
     seed: int = 0,
     inference_prompt: str = "continuous",
     device: str = "auto",
     progress: bool = True,
-    explanation_beams: int = 21,
-    explanation_groups: int = 3,
-    diversity_penalty: float = 0.0,
-    max_explanation_tokens: int = 32,
+    config: DecodingConfig | None = None,
     topn_scoring: bool = True,
     keep_lists: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on a prepared split; returns a JSON-able report with baselines beside the model.
 
     `topn_scoring=False` skips exact candidate scoring, for time-boxed runs that can only afford the beam
-    search the paper used. `keep_lists=True` adds every user's top-10 (`lists`), to compare with a server."""
+    search the paper used. `keep_lists=True` adds every user's top-10 (`lists`), to compare with a server.
+    Decoding follows `config` (the service's defaults when None); `beams` overrides its beam count."""
     data = PreparedData.load(data_dir)
-    config = DecodingConfig(
-        beams=beams,
-        explanation_beams=explanation_beams,
-        explanation_groups=explanation_groups,
-        diversity_penalty=diversity_penalty,
-        max_explanation_tokens=max_explanation_tokens,
-    )
+    config = config or DecodingConfig()
+    if beams is not None:
+        config = dataclasses.replace(config, beams=beams)
     template = templates.WORDY if inference_prompt == "continuous+discrete" else templates.BARE
     rec = load_recommender(checkpoint, data, device, config, template=template)
     tasks = [t for t in ("sequential", "topn", "explanation") if task in ("all", t) and t in data.tasks]
@@ -108,7 +103,8 @@ def evaluate(
         "checkpoint": str(checkpoint),
         "data": str(data_dir),
         "split": split,
-        "beams": beams,
+        "beams": config.beams,
+        "decoding": dataclasses.asdict(config),
         "inference_prompt": inference_prompt,
         "item_index": data.manifest.get("item_index"),
         "item_ids": getattr(rec.tokenizer, "item_mode", "digits"),
@@ -165,7 +161,7 @@ def evaluate(
         records = data.explanations[split]
         if limit and limit < len(records):
             records = [records[k] for k in sorted(random.Random(seed).sample(range(len(records)), limit))]
-        jobs = [ExplainJob(r["user"], r["item"], max_explanation_tokens) for r in records]
+        jobs = [ExplainJob(r["user"], r["item"], config.max_explanation_tokens) for r in records]
         t0 = time.perf_counter()
         preds = [e.text for e in run_batched(rec, "explanation", jobs, rec.explain, batch_size, progress)]
         seconds = time.perf_counter() - t0
