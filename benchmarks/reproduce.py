@@ -259,6 +259,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--item-ids", choices=["digits", "token", "collaborative"], help="default: the data's (token)")
+    ap.add_argument("--sequential-samples", choices=["one", "all"], help="default: pod train's (all)")
+    ap.add_argument("--topn-samples", choices=["one", "all"], help="default: pod train's (one)")
+    ap.add_argument("--select-by", choices=["auto", "loss", "hr10"], help="default: pod train's (auto)")
+    ap.add_argument("--topn-history", action=argparse.BooleanOptionalAction, help="default: on unless digits")
+    ap.add_argument("--dropout", type=float, help="default: the preset's")
     ap.add_argument("--val-limit", type=int, help="validate on at most N users/records per task during training")
     ap.add_argument("--checkpoint", type=Path, help="evaluate this run/checkpoint instead of training")
     ap.add_argument(
@@ -300,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_steps": args.warmup_steps,
             "schedule": args.schedule,
             "seed": args.seed,
+            **{
+                k: getattr(args, k)
+                for k in ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout")
+            },
         },
         "note": args.note,
     }
@@ -336,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             precision=args.precision,
             progress=sys.stderr.isatty(),
+            **{
+                k: v
+                for k in ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout")
+                if (v := getattr(args, k)) is not None
+            },
         )
         summary = train(cfg)
         report["training"] = training_summary(out / "run", summary)

@@ -187,26 +187,26 @@ def run(args: argparse.Namespace) -> int:
     if not args.summarize_only:
         if not args.bundle:
             print(
-                "pod loadtest: error: no bundle; pass --bundle DIR or set POD_LOADTEST_BUNDLE to the served bundle "
+                "pod: error: loadtest: no bundle; pass --bundle DIR or set POD_LOADTEST_BUNDLE to the served bundle "
                 "(its catalog.json and histories.txt give the user and item IDs)",
                 file=sys.stderr,
             )
             return 2
         if not (Path(args.bundle) / "catalog.json").is_file():
             print(
-                f"pod loadtest: error: {args.bundle}/catalog.json missing; is it a `pod export` bundle?",
+                f"pod: error: loadtest: {args.bundle}/catalog.json missing; is it a `pod export` bundle?",
                 file=sys.stderr,
             )
             return 2
         status = run_locust(args)
         if status not in (0, 1):
-            print(f"pod loadtest: error: locust exited with status {status}", file=sys.stderr)
+            print(f"pod: error: loadtest: locust exited with status {status}", file=sys.stderr)
             return 2
     stats = args.out / f"{CSV_PREFIX}_final_stats.csv"  # written by the locustfile once the run has stopped
     if not stats.is_file():
         stats = args.out / f"{CSV_PREFIX}_stats.csv"  # Locust's own, up to a second behind
     if not stats.is_file():
-        print(f"pod loadtest: error: {stats} missing (did Locust run?)", file=sys.stderr)
+        print(f"pod: error: loadtest: {stats} missing (did Locust run?)", file=sys.stderr)
         return 2
     rows = read_stats(stats)
     problems = check_slo(rows, args.max_failure_rate, args.max_p99_ms)
