@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def step(name: str, cmd: list[str], log: Path) -> tuple[bool, float]:
+def step(cmd: list[str], log: Path) -> tuple[bool, float]:
     t0 = time.perf_counter()
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
@@ -79,12 +79,13 @@ def main() -> int:
         log = args.out / f"seed{seed}.log"
         data, run = work / "data", work / "run"
         row: dict = {"seed": seed}
-        ok, row["synth_s"] = step("synth", [POD, "data", "synth", "--out", str(data), "--seed", str(seed)], log)
+        ok, row["synth_s"] = step([POD, "data", "synth", "--out", str(data), "--seed", str(seed)], log)
         if ok:
             cmd = [POD, "train", "--data", str(data), "--out", str(run), "--seed", str(seed)]
-            ok, row["train_s"] = step("train", cmd + DEMO_TRAIN + ["--max-minutes", str(args.train_minutes)], log)
+            ok, row["train_s"] = step(cmd + DEMO_TRAIN + ["--max-minutes", str(args.train_minutes)], log)
         if ok:
-            ok, row["export_s"] = step("export", [POD, "export", "--checkpoint", str(run), "--out", str(run / "b")], log)
+            cmd = [POD, "export", "--checkpoint", str(run), "--out", str(run / "b")]
+            ok, row["export_s"] = step(cmd, log)
             if ok:
                 row["parity"] = json.loads((run / "b" / "bundle.json").read_text())["parity"]
         if ok:
