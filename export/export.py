@@ -274,6 +274,7 @@ def export_bundle(
                 "num_prompts": model.config.num_prompts,
                 "item_ids": getattr(tokenizer, "item_mode", "digits"),
                 "topn_history": model.config.topn_history,
+                "user_ids": model.config.user_ids,
                 "opset": opset,
                 "dtype": dtype,
                 "quantization": quantize,

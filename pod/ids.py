@@ -19,6 +19,9 @@ def item_token(index: int) -> str:
     return f"item_{index}"
 
 
+ANONYMOUS_USER = 0  # internal users start at 1: `user_0` stands for "someone", known only by the history
+
+
 def item_target(index: int) -> str:
     """The decoder target for an item: its number alone, as in the reference code."""
     return str(index)

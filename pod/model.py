@@ -50,6 +50,7 @@ class PODConfig:
     num_prompts: int = 3
     whole_word_size: int = 512
     topn_history: bool = False  # top-N inputs start with the user's recent history (see pod.templates)
+    user_ids: bool = True  # sequential and top-N inputs name the user (False: `user_0`, the history alone)
 
     def task_index(self, task: str) -> int:
         return self.tasks.index(task)
@@ -121,6 +122,7 @@ def build_model(
     tasks: list[str] | None = None,
     dropout: float | None = None,
     topn_history: bool = False,
+    user_ids: bool = True,
 ) -> PODModel:
     """A fresh POD model: pretrained backbone weights from a local directory, or random from a preset."""
     tasks = list(tasks or TASKS)
@@ -134,13 +136,20 @@ def build_model(
                 f"{backbone}: backbone vocabulary ({t5.config.vocab_size}) is smaller than the tokenizer's "
                 f"({tokenizer.vocab_size})"
             )
-        config = PODConfig(t5=t5.config.to_dict(), tasks=tasks, num_prompts=num_prompts, topn_history=topn_history)
+        config = PODConfig(
+            t5=t5.config.to_dict(),
+            tasks=tasks,
+            num_prompts=num_prompts,
+            topn_history=topn_history,
+            user_ids=user_ids,
+        )
         return PODModel(config, backbone=t5)
     config = PODConfig(
         t5=t5_config(preset, tokenizer.vocab_size, dropout),
         tasks=tasks,
         num_prompts=num_prompts,
         topn_history=topn_history,
+        user_ids=user_ids,
     )
     return PODModel(config)
 

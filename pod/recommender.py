@@ -24,6 +24,7 @@ import numpy as np
 from pod import templates
 from pod.dataset import MAX_HISTORY
 from pod.decoding import Constraint, DecoderSession, Trie, beam_search, log_softmax, step_logits
+from pod.ids import ANONYMOUS_USER
 from pod.tokenization import EOS_ID, PAD_ID, Tokenizer
 
 
@@ -49,7 +50,7 @@ class DecodingConfig:
             )
 
 
-UNKNOWN_USER = 0  # internal users start at 1: `user_0` is never trained, so its requests rest on the history alone
+UNKNOWN_USER = ANONYMOUS_USER  # a user new since training: served from the history alone
 SCORE_ROWS = 2048  # decoder rows per exact-scoring session: bounds the full-vocabulary logits it holds
 
 
@@ -58,6 +59,7 @@ class Runtime(Protocol):
 
     tokenizer: Tokenizer
     topn_history: bool  # the model's top-N inputs start with the user's recent history
+    user_ids: bool  # the model's sequential/top-N inputs name the user (else `user_0`: the history alone)
 
     def start(self, task: str, texts: list[str]) -> DecoderSession:
         """Encode a batch once and return a decoder session over it."""
@@ -209,6 +211,8 @@ class Recommender:
         if task == "sequential":
             items = list(items)[-self.config.history :]
         recent = list(history)[-self.config.history :] if task == "topn" and self.runtime.topn_history else []
+        if task != "explanation" and not self.runtime.user_ids:
+            user = ANONYMOUS_USER
         return templates.fill(task, self.template, user, list(items), recent)
 
     def job_text(self, task: str, job: SequentialJob | TopNJob | ExplainJob) -> str:

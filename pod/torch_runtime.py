@@ -63,6 +63,7 @@ class TorchRuntime:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.topn_history = model.config.topn_history
+        self.user_ids = model.config.user_ids
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"
         self.decoder = DecoderStepGraph(self.model).eval()

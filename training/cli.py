@@ -37,6 +37,7 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "sequential_samples": "all",
     "topn_samples": "one",
     "select_by": "auto",
+    "user_ids": True,
 }
 """`training.train.TrainConfig`'s defaults, written out by hand for the help text: `pod train` flags default to
 None so that TrainConfig decides, and TrainConfig lives beside torch (tests/test_cli.py keeps the two equal)."""
@@ -294,6 +295,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         help="top-N inputs start with the user's recent history (default: on, except with --item-ids digits, "
         "the paper's form)",
+    )
+    tr.add_argument(
+        "--user-ids",
+        dest="user_ids",
+        action=argparse.BooleanOptionalAction,
+        help=f"sequential and top-N inputs name the user (the paper); --no-user-ids: the history alone {d('user_ids')}",
     )
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -24,6 +24,7 @@ import torch
 
 from pod import templates
 from pod.dataset import MAX_HISTORY, PreparedData
+from pod.ids import ANONYMOUS_USER
 from pod.tokenization import PAD_ID, Tokenizer
 
 SAMPLINGS = ("one", "all")
@@ -42,7 +43,9 @@ class Sample:
     exclude: tuple[int, ...] = ()
 
 
-def sequential_sample(data: PreparedData, user: int, rng: random.Random, template: int) -> Sample:
+def sequential_sample(
+    data: PreparedData, user: int, rng: random.Random, template: int, anonymous: bool = False
+) -> Sample:
     items = data.train_items(user)
     if len(items) < 2:
         history, target = items[:0], items[-1]
@@ -50,16 +53,18 @@ def sequential_sample(data: PreparedData, user: int, rng: random.Random, templat
         end = rng.randint(1, len(items) - 1)  # index of the target
         start = rng.randint(0, end - 1)
         history, target = items[start:end][-MAX_HISTORY:], items[end]
-    return Sample("sequential", templates.fill("sequential", template, user, history), item=target)
+    shown = ANONYMOUS_USER if anonymous else user
+    return Sample("sequential", templates.fill("sequential", template, shown, history), item=target)
 
 
-def sequential_prefixes(data: PreparedData, user: int, rng: random.Random) -> list[Sample]:
+def sequential_prefixes(data: PreparedData, user: int, rng: random.Random, anonymous: bool = False) -> list[Sample]:
     """Every prefix of the user's training part: targets items[1:], each with the up to 20 items before it."""
     items = data.train_items(user)
+    shown = ANONYMOUS_USER if anonymous else user
     return [
         Sample(
             "sequential",
-            templates.fill("sequential", templates.draw("sequential", rng), user, items[max(0, t - MAX_HISTORY) : t]),
+            templates.fill("sequential", templates.draw("sequential", rng), shown, items[max(0, t - MAX_HISTORY) : t]),
             item=items[t],
         )
         for t in range(1, len(items))
@@ -74,6 +79,7 @@ def topn_sample(
     all_items: list[int],
     negatives: int,
     history: bool = False,
+    anonymous: bool = False,
 ) -> Sample:
     touched = set(data.sequences[user])
     items = data.train_items(user)
@@ -87,11 +93,18 @@ def topn_sample(
     candidates = [positive, *sorted(chosen)]
     rng.shuffle(candidates)
     before = items[max(0, at - MAX_HISTORY) : at] if history else ()
-    return Sample("topn", templates.fill("topn", template, user, candidates, before), item=positive)
+    shown = ANONYMOUS_USER if anonymous else user
+    return Sample("topn", templates.fill("topn", template, shown, candidates, before), item=positive)
 
 
 def topn_all(
-    data: PreparedData, user: int, rng: random.Random, all_items: np.ndarray, negatives: int, history: bool = False
+    data: PreparedData,
+    user: int,
+    rng: random.Random,
+    all_items: np.ndarray,
+    negatives: int,
+    history: bool = False,
+    anonymous: bool = False,
 ) -> list[Sample]:
     """Every training item of the user as a positive, each with its own `negatives` fresh random items the
     user never touched (vectorized draws with rejection: cheap even for 100k samples)."""
@@ -110,7 +123,8 @@ def topn_all(
         candidates = [positive, *chosen]
         rng.shuffle(candidates)
         before = items[max(0, at - MAX_HISTORY) : at] if history else ()
-        text = templates.fill("topn", templates.draw("topn", rng), user, candidates, before)
+        shown = ANONYMOUS_USER if anonymous else user
+        text = templates.fill("topn", templates.draw("topn", rng), shown, candidates, before)
         out.append(Sample("topn", text, item=positive))
     return out
 
@@ -128,6 +142,7 @@ def epoch_samples(
     sequential: str = "one",
     topn: str = "one",
     topn_history: bool = False,
+    user_ids: bool = True,
 ) -> dict[str, list[Sample]]:
     """One epoch's training samples per task, drawn from `rng` (so an epoch is reproducible from its seed);
     `sequential` and `topn` choose `one` sample per user or `all` (see the module docstring)."""
@@ -142,15 +157,16 @@ def epoch_samples(
         if task == "explanation":
             out[task] = [explanation_sample(r, templates.draw(task, rng)) for r in data.explanations["train"]]
         elif task == "sequential" and sequential == "all":
-            out[task] = [s for u in users for s in sequential_prefixes(data, u, rng)]
+            out[task] = [s for u in users for s in sequential_prefixes(data, u, rng, not user_ids)]
         elif task == "sequential":
-            out[task] = [sequential_sample(data, u, rng, templates.draw(task, rng)) for u in users]
+            out[task] = [sequential_sample(data, u, rng, templates.draw(task, rng), not user_ids) for u in users]
         elif task == "topn" and topn == "all":
             pool = np.asarray(all_items, dtype=np.int64)
-            out[task] = [s for u in users for s in topn_all(data, u, rng, pool, negatives, topn_history)]
+            out[task] = [s for u in users for s in topn_all(data, u, rng, pool, negatives, topn_history, not user_ids)]
         elif task == "topn":
             out[task] = [
-                topn_sample(data, u, rng, templates.draw(task, rng), all_items, negatives, topn_history) for u in users
+                topn_sample(data, u, rng, templates.draw(task, rng), all_items, negatives, topn_history, not user_ids)
+                for u in users
             ]
         else:
             raise ValueError(f"unknown task {task!r}")
@@ -164,6 +180,7 @@ def validation_samples(
     split: str = "val",
     template: int = templates.BARE,
     topn_history: bool = False,
+    user_ids: bool = True,
 ) -> dict[str, list[Sample]]:
     """Fixed evaluation samples per task (bare template unless asked otherwise)."""
     out: dict[str, list[Sample]] = {}
@@ -174,7 +191,7 @@ def validation_samples(
             out[task] = []
             for u in data.users:
                 history, target = data.eval_example(u, split)
-                text = templates.fill(task, template, u, history)
+                text = templates.fill(task, template, u if user_ids else ANONYMOUS_USER, history)
                 before = data.sequences[u][: len(data.sequences[u]) - (2 if split == "val" else 1)]
                 out[task].append(Sample(task, text, item=target, exclude=tuple(before)))
         elif task == "topn":
@@ -182,7 +199,8 @@ def validation_samples(
             for u in data.users:
                 cands, target = data.candidates(u, split)
                 history = data.eval_example(u, split)[0] if topn_history else ()
-                out[task].append(Sample(task, templates.fill(task, template, u, cands, history), item=target))
+                shown = u if user_ids else ANONYMOUS_USER
+                out[task].append(Sample(task, templates.fill(task, template, shown, cands, history), item=target))
     return {k: v for k, v in out.items() if v}
 
 

@@ -53,6 +53,7 @@ class TrainConfig:
     select_by: str = "auto"  # loss: lowest mean validation loss; hr10: highest sequential HR@10 (token ids); auto:
     # hr10 where it can be computed (token ids and the sequential task), else loss
     topn_history: bool | None = None  # top-N inputs start with the recent history; None: unless item_ids is digits
+    user_ids: bool = True  # sequential/top-N inputs name the user; False: the history alone (no memorising users)
     strategy: str = "alternated"
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     num_prompts: int = 3
@@ -339,13 +340,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             dist.barrier()
         tokenizer = tokenizer or tokenizer_for(cfg, data, out)
         model = build_model(
-            tokenizer, cfg.preset, cfg.backbone, cfg.num_prompts, list(TASKS), cfg.dropout, cfg.topn_history
+            tokenizer,
+            cfg.preset,
+            cfg.backbone,
+            cfg.num_prompts,
+            list(TASKS),
+            cfg.dropout,
+            cfg.topn_history,
+            cfg.user_ids,
         )
     model.to(device).train()
     task_index = {t: model.config.task_index(t) for t in model.config.tasks}
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    val = validation_samples(data, tasks, topn_history=model.config.topn_history)
+    val = validation_samples(data, tasks, topn_history=model.config.topn_history, user_ids=model.config.user_ids)
     if cfg.val_limit:  # a seeded random sample: the first users of a file were numbered first, not a fair sample
         val = {
             t: [v[i] for i in sorted(random.Random(cfg.seed).sample(range(len(v)), min(cfg.val_limit, len(v))))]
@@ -353,7 +361,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         }
 
     def samples_of(rng: random.Random) -> dict[str, list[Sample]]:
-        return epoch_samples(data, tasks, rng, cfg.sequential_samples, cfg.topn_samples, model.config.topn_history)
+        return epoch_samples(
+            data,
+            tasks,
+            rng,
+            cfg.sequential_samples,
+            cfg.topn_samples,
+            model.config.topn_history,
+            model.config.user_ids,
+        )
 
     n_batches = len(
         make_batches(
