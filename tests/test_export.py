@@ -198,7 +198,7 @@ class _Perturbed:
 
     def __init__(self, runtime, column: int, by: float) -> None:
         self.runtime, self.column, self.by = runtime, column, by
-        self.tokenizer = runtime.tokenizer
+        self.tokenizer, self.topn_history, self.user_ids = runtime.tokenizer, runtime.topn_history, runtime.user_ids
 
     def start(self, task, texts):
         session = self.runtime.start(task, texts)
