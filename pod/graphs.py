@@ -80,8 +80,10 @@ class DecoderStepGraph(nn.Module):
         self.scale_output = cfg.tie_word_embeddings
         self.d_model = cfg.d_model
         rel = t5.get_decoder().block[0].layer[0].SelfAttention.relative_attention_bias
-        buckets = _bucket(
-            torch.arange(MAX_STEPS), cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        buckets = _bucket(  # on the weights' device: a CPU index beside GPU weights crashed the first CUDA run
+            torch.arange(MAX_STEPS, device=rel.weight.device),
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
         )
         self.register_buffer("position_bias", rel(buckets).detach().clone(), persistent=False)  # [MAX_STEPS, H]
 
