@@ -93,7 +93,8 @@ def _train(args: argparse.Namespace) -> None:
         cfg.epochs = json.loads(state.read_text())["progress"]["config"]["epochs"]
     summary = train(cfg, resume=args.resume)
     if summary.get("best_val") is not None:
-        print(f"best validation loss {summary['best_val']:.4f}; checkpoint: {Path(args.out) / 'best'}")
+        metric = summary.get("best_metric", "loss")
+        print(f"best validation {metric} {summary['best_val']:.4f}; checkpoint: {Path(args.out) / 'best'}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -552,4 +552,5 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         print(stop_reason, flush=True)
     if world > 1:
         dist.barrier()
-    return {**progress, "stop_reason": stop_reason, "best": str(out / "best"), "tasks": tasks}
+    metric = "sequential HR@10" if cfg.select_by == "hr10" else "loss"
+    return {**progress, "stop_reason": stop_reason, "best": str(out / "best"), "tasks": tasks, "best_metric": metric}
