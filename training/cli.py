@@ -138,13 +138,7 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
         choices=["keep", "sequential", "random"],
         help="item numbering: keep (the generator's), sequential, or random (leak-free)",
     )
-    synth.add_argument(
-        "--item-ids",
-        default="token",
-        choices=["digits", "token", "collaborative"],
-        help="how `pod train` writes items unless told otherwise (manifest item_ids; digits is the paper's "
-        "form); the split is the same",
-    )
+    _item_ids_argument(synth)
     synth.set_defaults(func=_data_synth)
 
     prep = data.add_parser(
@@ -172,14 +166,19 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--seed", type=int, default=0, help="seed of the item permutation, splits and negatives")
     prep.add_argument("--negatives", type=int, default=99, help="fixed negatives per user for top-N")
     prep.add_argument("--min-length", type=int, default=3, help="drop users with fewer interactions")
-    prep.add_argument(
+    _item_ids_argument(prep)
+    prep.set_defaults(func=_data_prepare)
+
+
+def _item_ids_argument(parser: argparse.ArgumentParser) -> None:
+    """`--item-ids` of `data synth` and `data prepare`: recorded in the manifest as `pod train`'s default."""
+    parser.add_argument(
         "--item-ids",
         default="token",
         choices=["digits", "token", "collaborative"],
         help="how `pod train` writes items unless told otherwise (manifest item_ids; digits is the paper's "
         "form); the split is the same",
     )
-    prep.set_defaults(func=_data_prepare)
 
 
 def _register_train(sub: argparse._SubParsersAction) -> None:
