@@ -261,6 +261,9 @@ class Recommender:
             scores = logits[row, cols]
             scores = scores - lse[row] if exact else log_softmax(scores[None])[0]
             k = min(k, len(cols))
+            if k == 0:  # everything excluded: nothing to rank
+                out.append(Ranked([], 1))
+                continue
             top = np.argpartition(-scores, k - 1)[:k] if k < len(cols) else np.arange(len(cols))
             top = top[np.lexsort((cat.token_items[cols[top]], -scores[top]))]  # ties: lower item first
             out.append(Ranked([(int(cat.token_items[cols[n]]), float(scores[n])) for n in top], 1))
