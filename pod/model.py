@@ -81,8 +81,9 @@ class PODModel(nn.Module):
         self.config = config
         self.t5 = backbone if backbone is not None else T5ForConditionalGeneration(T5Config(**config.t5))
         d_model = self.t5.config.d_model
-        self.whole_word = nn.Embedding(config.whole_word_size, d_model)
-        self.prompts = nn.Parameter(torch.empty(len(config.tasks), config.num_prompts, d_model))
+        device = self.t5.get_input_embeddings().weight.device  # beside the backbone (a GPU, or `meta` in tests)
+        self.whole_word = nn.Embedding(config.whole_word_size, d_model, device=device)
+        self.prompts = nn.Parameter(torch.empty(len(config.tasks), config.num_prompts, d_model, device=device))
         nn.init.uniform_(self.prompts, -0.1, 0.1)
 
     def embed(

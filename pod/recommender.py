@@ -50,7 +50,6 @@ class DecodingConfig:
             )
 
 
-UNKNOWN_USER = ANONYMOUS_USER  # a user new since training: served from the history alone
 SCORE_ROWS = 2048  # decoder rows per exact-scoring session: bounds the full-vocabulary logits it holds
 
 

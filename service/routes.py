@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pod.dataset import MAX_HISTORY
-from pod.recommender import UNKNOWN_USER, Catalog, ExplainJob, Ranked, SequentialJob, TopNJob
+from pod.ids import ANONYMOUS_USER
+from pod.recommender import Catalog, ExplainJob, Ranked, SequentialJob, TopNJob
 from service.admission import ClientGone, DeadlinePassed, Overloaded
 from service.dependencies import ReadyRecommender, Settings
 from service.schemas import (
@@ -52,9 +53,12 @@ def bad(field: str, message: str, value: Any = None, status: int = 422) -> HTTPE
     return HTTPException(status, detail=[{"loc": ["body", field], "msg": message, "input": value}])
 
 
-def user_of(catalog: Catalog, value: int | str) -> tuple[int, type]:
-    """The internal user, and the ID form (int or str) the answer should use."""
+def user_of(catalog: Catalog, value: int | str, has_history: bool = False) -> tuple[int, type]:
+    """The internal user, and the ID form (int or str) the answer should use. A user new since training is
+    served from the history the request sends (`user_0`); without one, an unknown user is a 422."""
     users, unknown = catalog.resolve_users([value])
+    if unknown and has_history:
+        return ANONYMOUS_USER, type(value)
     if unknown:
         raise bad("user_id", f"unknown user {value!r}", value)
     return users[0], type(value)
@@ -111,10 +115,7 @@ async def recommend_sequential(
 ) -> Response | RecommendResponse:
     started = time.perf_counter()
     catalog = recommender.catalog
-    if body.history is not None and catalog.resolve_users([body.user_id])[1]:
-        user, form = UNKNOWN_USER, type(body.user_id)  # a user new since training: served from the history alone
-    else:
-        user, form = user_of(catalog, body.user_id)
+    user, form = user_of(catalog, body.user_id, has_history=body.history is not None)
     if body.history is None:
         history = catalog.histories.get(user)
         if not history:
@@ -148,10 +149,7 @@ async def recommend_topn(
 ) -> Response | RecommendResponse:
     started = time.perf_counter()
     catalog = recommender.catalog
-    if body.history and catalog.resolve_users([body.user_id])[1]:
-        user = UNKNOWN_USER  # a user new since training: served from the history alone
-    else:
-        user, _ = user_of(catalog, body.user_id)
+    user, _ = user_of(catalog, body.user_id, has_history=bool(body.history))
     history = catalog.histories.get(user, []) if body.history is None else items_of(catalog, "history", body.history)
     candidates = items_of(catalog, "candidates", body.candidates)
     seen, dupes = set(), []
