@@ -124,6 +124,7 @@ class TimedRuntime:
 
     def __init__(self, runtime, min_tokens: int = 0) -> None:
         self.runtime, self.tokenizer, self.min_tokens = runtime, runtime.tokenizer, min_tokens
+        self.topn_history, self.user_ids = runtime.topn_history, runtime.user_ids  # what the input holds
         self.reset()
 
     def reset(self) -> None:
@@ -331,10 +332,12 @@ def summarize(timings: list[dict]) -> dict:
     }
 
 
-def make_data(out: Path, users: int, history_len: tuple[int, int], seed: int, items: int = 300) -> PreparedData:
+def make_data(
+    out: Path, users: int, history_len: tuple[int, int], seed: int, items: int = 300, item_ids: str = "digits"
+) -> PreparedData:
     lo, hi = history_len
     raw = synthesize(users=users, items=items, seed=seed, min_len=lo, max_len=hi)
-    prepare(raw, out, source_format="synthetic", seed=seed)
+    prepare(raw, out, source_format="synthetic", seed=seed, item_ids=item_ids)
     return PreparedData.load(out)
 
 
@@ -466,6 +469,12 @@ def main() -> None:
     )
     ap.add_argument("--users", type=int, default=1000, help="synthetic shop size")
     ap.add_argument(
+        "--item-ids",
+        choices=["digits", "token", "collaborative"],
+        default="digits",
+        help="how items are written (default: digits, the REFERENCE anchors' form; token: one step + exact top-k)",
+    )
+    ap.add_argument(
         "--items",
         type=int,
         default=300,
@@ -490,7 +499,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def benchmark_tokenizer(choice: str, data_dir: Path, data: PreparedData, tmp: Path):
+def benchmark_tokenizer(choice: str, data_dir: Path, data: PreparedData, tmp: Path, item_ids: str = "digits"):
     """'auto': T5's spiece.model from a `shared/` beside the checkout (what the REFERENCE anchors used), else the
     small one trained on the data; 'data': always the latter; anything else: a path to a spiece.model."""
     spiece = None
@@ -499,13 +508,13 @@ def benchmark_tokenizer(choice: str, data_dir: Path, data: PreparedData, tmp: Pa
         spiece = next((str(p) for p in found if p.is_file()), None)
     elif choice != "data":
         spiece = choice
-    return tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp), tokenizer=spiece), data, tmp)
+    return tokenizer_for(TrainConfig(data=str(data_dir), out=str(tmp), tokenizer=spiece, item_ids=item_ids), data, tmp)
 
 
 def run(args, threads: int, shapes: list[str], history_len: tuple[int, int], tmp: Path) -> None:
     data_dir = tmp / "synth"
-    data = make_data(data_dir, args.users, history_len, args.seed, args.items)
-    tok = benchmark_tokenizer(args.tokenizer, data_dir, data, tmp)
+    data = make_data(data_dir, args.users, history_len, args.seed, args.items, args.item_ids)
+    tok = benchmark_tokenizer(args.tokenizer, data_dir, data, tmp, args.item_ids)
     users = random.Random(args.seed).sample(data.users, args.warmup + args.requests)
     requests = []  # one job per request, as `pod serve` hands them to the recommender
     for u in users:
