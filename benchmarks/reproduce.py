@@ -265,6 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--select-by", choices=["auto", "loss", "hr10"], help="default: pod train's (auto)")
     ap.add_argument("--topn-history", action=argparse.BooleanOptionalAction, help="default: on unless digits")
     ap.add_argument("--dropout", type=float, help="default: the preset's")
+    ap.add_argument("--init-std", type=float, help="random models' embedding init std (default: pod train's)")
     ap.add_argument("--val-limit", type=int, help="validate on at most N users/records per task during training")
     ap.add_argument("--checkpoint", type=Path, help="evaluate this run/checkpoint instead of training")
     ap.add_argument(
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             **{
                 k: getattr(args, k)
-                for k in ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout")
+                for k in ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout", "init_std")
             },
         },
         "note": args.note,
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=sys.stderr.isatty(),
             **{
                 k: v
-                for k in ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout")
+                for k in ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout", "init_std")
                 if (v := getattr(args, k)) is not None
             },
         )

@@ -303,6 +303,40 @@ def step_logits(
     return (full if columns is None else full[:, columns]), (logsumexp(full) if lse else None)
 
 
+def top_columns(
+    logits: np.ndarray, lse: np.ndarray | None, sets: Sequence[np.ndarray], keep: bool, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference one-step ranking: per row, the `k` best columns of `logits` (rows, columns) as indices and
+    log-probabilities, best first, ties to the lower column; `(rows, k)` arrays padded with -1 / -inf where a
+    row has fewer than `k` columns allowed.
+
+    `sets[r]` holds column indices: the only columns row `r` may rank (`keep=True`, top-N candidates) or the
+    ones it may not (`keep=False`, a history to exclude), so nobody builds an "everything but" array. Scores
+    are `logits - lse` (exact log-probabilities over the whole vocabulary) or, with `lse=None`, renormalized
+    over the row's allowed columns. A runtime that keeps logits on its device offers the same contract as
+    `session.top_columns` (see `pod.torch_runtime`); this function is what it must agree with.
+    """
+    rows, n = logits.shape
+    idx = np.full((rows, k), -1, dtype=np.int64)
+    out = np.full((rows, k), -np.inf, dtype=np.float32)
+    for r in range(rows):
+        scores = np.full(n, -np.inf, dtype=np.float32)
+        if keep:
+            scores[sets[r]] = logits[r, sets[r]]
+        else:
+            scores[:] = logits[r]
+            scores[sets[r]] = -np.inf
+        finite = int(np.isfinite(scores).sum())
+        if finite == 0:
+            continue
+        scores -= lse[r] if lse is not None else logsumexp(scores[np.isfinite(scores)][None])[0]
+        m = min(k, finite)
+        top = np.argpartition(-scores, m - 1)[:m] if m < n else np.arange(n)
+        top = top[np.lexsort((top, -scores[top]))][:m]
+        idx[r, :m], out[r, :m] = top, scores[top]
+    return idx, out
+
+
 def _position(sent: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """Where each wanted beam-space row sits in the previous call's `sent` order."""
     where = np.zeros(int(max(sent.max(), wanted.max())) + 1, dtype=np.int64)  # padding rows may point anywhere

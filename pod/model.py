@@ -124,8 +124,14 @@ def build_model(
     dropout: float | None = None,
     topn_history: bool = False,
     user_ids: bool = True,
+    init_std: float | None = None,
 ) -> PODModel:
-    """A fresh POD model: pretrained backbone weights from a local directory, or random from a preset."""
+    """A fresh POD model: pretrained backbone weights from a local directory, or random from a preset.
+
+    `init_std` re-draws the random model's token and whole-word embeddings from N(0, init_std). T5's own init
+    (std 1.0) suits a pretrained start; from scratch, Adam moves each weight by about the learning rate per
+    step, so embeddings 10x larger than the layers' weights learn 10x slower in relative terms, and the item
+    embeddings are most of what a recommender learns."""
     tasks = list(tasks or TASKS)
     if backbone is not None:
         t5 = T5ForConditionalGeneration.from_pretrained(str(backbone), use_safetensors=True)
@@ -152,7 +158,12 @@ def build_model(
         topn_history=topn_history,
         user_ids=user_ids,
     )
-    return PODModel(config)
+    model = PODModel(config)
+    if init_std:
+        with torch.no_grad():
+            model.t5.get_input_embeddings().weight.normal_(0.0, init_std)
+            model.whole_word.weight.normal_(0.0, init_std)
+    return model
 
 
 def save_checkpoint(model: PODModel, tokenizer: Tokenizer, out: Path, extra: dict | None = None, write_more=None):

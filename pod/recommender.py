@@ -23,7 +23,7 @@ import numpy as np
 
 from pod import templates
 from pod.dataset import MAX_HISTORY
-from pod.decoding import Constraint, DecoderSession, Trie, beam_search, log_softmax, step_logits
+from pod.decoding import Constraint, DecoderSession, Trie, beam_search, log_softmax, step_logits, top_columns
 from pod.ids import ANONYMOUS_USER
 from pod.tokenization import EOS_ID, PAD_ID, Tokenizer
 
@@ -244,28 +244,29 @@ class Recommender:
             Ranked([(h.value, h.logprob) for h in row][:k], sum(len(h.tokens) for h in row)) for k, row in zip(ks, hyps)
         ]
 
-    def _one_step(self, task: str, texts: list[str], allowed: list[np.ndarray], ks: list[int]) -> list[Ranked]:
-        """Token item IDs: one decoder step, then an exact top-k over each row's allowed item columns.
+    def _one_step(self, task: str, texts: list[str], sets: list[np.ndarray], keep: bool, ks: list[int]) -> list[Ranked]:
+        """Token item IDs: one decoder step, then an exact top-k over each row's allowed item columns (`sets`:
+        the only columns allowed, or the excluded ones; see `pod.decoding.top_columns`).
 
         An item is one token, so its score is the log-probability of that token (the `</s>` that follows it is
-        certain for a trained model and is not computed); no beam can prune a good item.
+        certain for a trained model and is not computed); no beam can prune a good item. A session that can
+        rank on its device (`top_columns`) does, and only `rows x k` numbers come back to the host.
         """
         cat = self.catalog
         session = self.runtime.start(task, texts)
         exact = self.config.normalizer == "exact"
-        logits, lse = step_logits(session, np.full(len(texts), PAD_ID, dtype=np.int64), None, cat.item_columns, exact)
-        logits = logits.astype(np.float32, copy=False)
+        start = np.full(len(texts), PAD_ID, dtype=np.int64)
+        k = max(ks, default=0)
+        if hasattr(session, "top_columns"):
+            idx, scores = session.top_columns(start, cat.item_columns, sets, keep, k, exact)
+        else:
+            logits, lse = step_logits(session, start, None, cat.item_columns, exact)
+            idx, scores = top_columns(logits.astype(np.float32, copy=False), lse, sets, keep, k)
         out = []
-        for row, (cols, k) in enumerate(zip(allowed, ks)):
-            scores = logits[row, cols]
-            scores = scores - lse[row] if exact else log_softmax(scores[None])[0]
-            k = min(k, len(cols))
-            if k == 0:  # everything excluded: nothing to rank
-                out.append(Ranked([], 1))
-                continue
-            top = np.argpartition(-scores, k - 1)[:k] if k < len(cols) else np.arange(len(cols))
-            top = top[np.lexsort((cat.token_items[cols[top]], -scores[top]))]  # ties: lower item first
-            out.append(Ranked([(int(cat.token_items[cols[n]]), float(scores[n])) for n in top], 1))
+        for row, k_row in enumerate(ks):
+            n = int((idx[row, :k_row] >= 0).sum())
+            items = cat.token_items[idx[row, :n]]
+            out.append(Ranked([(int(i), float(v)) for i, v in zip(items, scores[row, :n])], 1))
         return out
 
     def _columns(self, items) -> np.ndarray:
@@ -274,12 +275,9 @@ class Recommender:
     def sequential(self, jobs: Sequence[SequentialJob]) -> list[Ranked]:
         texts = [self.job_text("sequential", j) for j in jobs]
         if self.catalog.item_ids == "token":
-            everything = np.arange(len(self.catalog.token_items))
-            allowed = []
-            for j in jobs:
-                banned = self._columns((set(j.history) | set(j.exclude)) & self.catalog.column_of.keys())
-                allowed.append(np.setdiff1d(everything, banned, assume_unique=True) if banned.size else everything)
-            return self._one_step("sequential", texts, allowed, [j.k for j in jobs])
+            known = self.catalog.column_of.keys()
+            banned = [self._columns((set(j.history) | set(j.exclude)) & known) for j in jobs]
+            return self._one_step("sequential", texts, banned, False, [j.k for j in jobs])
         cons = [self.catalog.trie.restrict(set(j.history) | set(j.exclude)) for j in jobs]
         return self._rank("sequential", texts, cons, [j.k for j in jobs])
 
@@ -287,7 +285,7 @@ class Recommender:
         out: list[Ranked | None] = [None] * len(jobs)
         if self.catalog.item_ids == "token":  # one step ranks every candidate exactly: both modes agree
             texts = [self.job_text("topn", j) for j in jobs]
-            return self._one_step("topn", texts, [self._columns(j.candidates) for j in jobs], [j.k for j in jobs])
+            return self._one_step("topn", texts, [self._columns(j.candidates) for j in jobs], True, [j.k for j in jobs])
         beam = [n for n, j in enumerate(jobs) if j.mode == "beam"]
         if beam:
             texts = [self.job_text("topn", jobs[n]) for n in beam]

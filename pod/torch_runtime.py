@@ -55,6 +55,44 @@ class TorchSession(ProjectedSession):
             full = full.index_select(1, torch.as_tensor(columns, device=full.device))
         return full.cpu().numpy(), lse
 
+    @torch.inference_mode()
+    def top_columns(
+        self, tokens: np.ndarray, columns: np.ndarray, sets: list[np.ndarray], keep: bool, k: int, exact: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`pod.decoding.top_columns` on the model's device, fed by one decoder step: the masking, the
+        normalization and the top-k never leave it, and one `(rows, k)` pair of arrays comes back."""
+        hidden = self.advance(tokens, None)
+        weight = self.rt.model.t5.lm_head.weight
+        dev = hidden.device
+        cols = torch.as_tensor(columns, device=dev)
+        if exact:  # the whole vocabulary's normalizer
+            full = (hidden.to(weight.dtype) @ weight.t()).float()
+            logits, norm = full.index_select(1, cols), torch.logsumexp(full, dim=-1)
+        else:
+            logits = (hidden.to(weight.dtype) @ weight.index_select(0, cols).t()).float()
+        rows, n = logits.shape
+        lens = [len(s) for s in sets]
+        where_rows = torch.repeat_interleave(torch.arange(rows, device=dev), torch.as_tensor(lens, device=dev))
+        where_cols = torch.as_tensor(np.concatenate(sets) if sum(lens) else np.zeros(0, np.int64), device=dev)
+        if keep:
+            scores = torch.full_like(logits, float("-inf"))
+            scores[where_rows, where_cols] = logits[where_rows, where_cols]
+        else:
+            scores = logits.index_put((where_rows, where_cols), torch.tensor(float("-inf"), device=dev))
+        if not exact:  # renormalized over each row's allowed columns
+            norm = torch.logsumexp(scores, dim=-1)
+        scores = scores - norm[:, None]
+        m = min(n, k + 8)  # a few spare, so ties at the cut are ordered as the reference orders them
+        top_scores, top_idx = torch.topk(scores, m, dim=1)
+        top_scores, top_idx = top_scores.cpu().numpy(), top_idx.cpu().numpy()
+        order = np.lexsort((top_idx, -top_scores), axis=-1)[:, :k]  # best first, ties to the lower column
+        out = np.take_along_axis(top_scores, order, axis=1)
+        idx = np.where(np.isfinite(out), np.take_along_axis(top_idx, order, axis=1), -1)
+        if m < k:  # fewer columns than asked
+            out = np.pad(out, ((0, 0), (0, k - m)), constant_values=-np.inf)
+            idx = np.pad(idx, ((0, 0), (0, k - m)), constant_values=-1)
+        return idx, out.astype(np.float32)
+
 
 class TorchRuntime:
     def __init__(

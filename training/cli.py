@@ -233,6 +233,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     tr.add_argument("--clip", type=float, help=f"gradient norm clip, 0 disables {d('clip')}")
     tr.add_argument("--dropout", type=float, help="dropout rate (default: the preset's)")
+    tr.add_argument(
+        "--init-std",
+        type=float,
+        dest="init_std",
+        help="random models: draw token and whole-word embeddings from N(0, STD) (default: T5's own, 1.0)",
+    )
     tr.add_argument("--patience", type=int, help=f"early stop after N epochs without improvement {d('patience')}")
     tr.add_argument(
         "--val-limit",

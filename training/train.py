@@ -68,6 +68,7 @@ class TrainConfig:
     schedule: str = "constant"  # constant | linear | cosine (after warmup)
     clip: float = 1.0
     dropout: float | None = None  # default: the preset's
+    init_std: float | None = None  # random models: token/whole-word embeddings from N(0, init_std); None: T5's 1.0
     patience: int = 5
     val_limit: int | None = None  # validate on a seeded random sample of this many users/records per task
     save_every: int = 0  # also write last/ every N steps (0: at epoch ends and when stopping)
@@ -348,6 +349,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             cfg.dropout,
             cfg.topn_history,
             cfg.user_ids,
+            cfg.init_std,
         )
     model.to(device).train()
     task_index = {t: model.config.task_index(t) for t in model.config.tasks}
@@ -442,8 +444,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 loss = ddp(**batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            # the norm before clipping is logged: far above --clip means the clip, not --lr, sets the step size
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
             optimizer.step()
             scheduler.step()
             progress["step_in_epoch"] += 1
@@ -473,6 +475,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                             "task": task,
                             "loss": value,
                             "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm),
                             "samples_per_s": rate,
                         },
                     )
