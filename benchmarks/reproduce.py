@@ -48,6 +48,7 @@ DATASETS: dict[str, dict] = {
     "synthetic": {"format": "synth", "source": None, "lr": 1e-3},
 }
 
+RECIPE_FLAGS = ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout", "init_std")
 RANK_METRICS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10")
 TEXT_METRICS = ("BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L")
 
@@ -307,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_steps": args.warmup_steps,
             "schedule": args.schedule,
             "seed": args.seed,
-            **{
-                k: getattr(args, k)
-                for k in ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout", "init_std")
-            },
+            **{k: getattr(args, k) for k in RECIPE_FLAGS},
         },
         "note": args.note,
     }
@@ -347,11 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             precision=args.precision,
             progress=sys.stderr.isatty(),
-            **{
-                k: v
-                for k in ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout", "init_std")
-                if (v := getattr(args, k)) is not None
-            },
+            **{k: v for k in RECIPE_FLAGS if (v := getattr(args, k)) is not None},
         )
         summary = train(cfg)
         report["training"] = training_summary(out / "run", summary)

@@ -223,7 +223,7 @@ class Recommender:
 
     def input_length(self, task: str, user: int, items: Sequence[int], history: Sequence[int] = ()) -> int:
         """Token count of a job's input, for bucketing similar jobs into one batch."""
-        return len(self.tokenizer.pieces(self.text(task, user, items, history)))
+        return len(self.tokenizer.encode_input(self.text(task, user, items, history))[0])
 
     # Ranking ------------------------------------------------------------------------------------------------
 
@@ -366,8 +366,8 @@ class Recommender:
 def by_length(recommender: Recommender, task: str, jobs: Sequence, batch_size: int) -> Iterator[list[int]]:
     """Offline batching: job indices sorted by input length, so a batch pads little."""
 
-    pieces = recommender.tokenizer.pieces
-    order = sorted(range(len(jobs)), key=lambda n: len(pieces(recommender.job_text(task, jobs[n]))))
+    encode = recommender.tokenizer.encode_input  # cached per word: the start() that follows costs less
+    order = sorted(range(len(jobs)), key=lambda n: len(encode(recommender.job_text(task, jobs[n]))[0]))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 

@@ -15,6 +15,7 @@ stay mode-agnostic; only this class turns an item word into tokens. A tokenizer 
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +30,8 @@ WORD_START = "\u2581"  # SentencePiece's word-boundary marker
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # T5's layout; our own vocabularies are trained to match it
 SPIECE_FILE = "spiece.model"
 T5_PIECES, T5_VOCAB = 32000, 32100  # T5 models carry 100 sentinel rows after the SentencePiece pieces
+_PLAIN = re.compile(r"[!-~]+( [!-~]+)*")  # printable ASCII words, one space apart: safe to encode word by word
+_WORD_CACHE = 1 << 18  # distinct words kept by a tokenizer (a catalogue's items and users fit)
 
 
 class Tokenizer:
@@ -48,6 +51,7 @@ class Tokenizer:
         # item tokens go after every row a model built for this vocabulary already has (T5's sentinels too)
         self.item_offset = T5_VOCAB if self.sp_size == T5_PIECES else self.sp_size
         self._item_ids = {item: [self.item_offset + c for c in code] for item, code in self.items.codes.items()}
+        self._words: dict[str, tuple[list[int], list[int], int]] = {}  # encode_input's per-word cache
 
     @classmethod
     def load(cls, directory: str | Path, whole_word_size: int = 512) -> Tokenizer:
@@ -99,7 +103,35 @@ class Tokenizer:
 
         With item tokens, the pieces of each known `item_N` are replaced by the item's tokens, which keep
         the item's whole-word slot; user IDs and words are tokenized exactly as in `digits` mode.
+
+        Word by word through a cache: SentencePiece never joins two whitespace-separated words into one piece
+        and slots are counted per word, so a text's encoding is its words' encodings in a row, with slots
+        renumbered. A top-N input repeats the same few thousand item words, and re-tokenizing them was most
+        of a GPU evaluation's time. Texts the word split might read differently (non-ASCII, tabs, newlines)
+        take the whole-text path, `encode_input_whole`, which the cache is tested against.
         """
+        if not text.isascii() or not _PLAIN.fullmatch(text):
+            return self.encode_input_whole(text)
+        ids: list[int] = []
+        ww: list[int] = []
+        slot, cap = 0, self.whole_word_size - 1
+        for word in text.split(" "):
+            if not word:
+                continue
+            hit = self._words.get(word)
+            if hit is None:
+                if len(self._words) >= _WORD_CACHE:
+                    self._words.clear()
+                w_ids, w_ww = self.encode_input_whole(word)
+                hit = self._words[word] = (w_ids[:-1], w_ww[:-1], max(w_ww[:-1], default=0))
+            w_ids, w_ww, n = hit
+            ids += w_ids
+            ww += [min(slot + s, cap) if s else 0 for s in w_ww]
+            slot = min(slot + n, cap)
+        return ids + [EOS_ID], ww + [0]
+
+    def encode_input_whole(self, text: str) -> tuple[list[int], list[int]]:
+        """`encode_input` of the whole text at once (the reference the word cache must equal)."""
         pieces = self.sp.encode(text, out_type=str)
         slots, match_of, matches = _id_spans(pieces, self.whole_word_size)
         if self.item_mode == "digits":

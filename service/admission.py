@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Hashable
 from typing import Any, Protocol
 
 from service.batcher import QueueFull
@@ -45,7 +45,7 @@ class Queue(Protocol):
 
     running: int
 
-    def submit(self, payload: Any, bucket: int = 0) -> asyncio.Future: ...
+    def submit(self, payload: Any, bucket: Hashable = 0) -> asyncio.Future: ...
 
 
 class Throughput:
@@ -85,7 +85,7 @@ class Admission:
         """When, counted from the request's arrival, a job joining `queue` now would be served."""
         return elapsed + self.throughput.wait_s(task, queue.depth + queue.running)
 
-    def admit(self, task: str, queue: Queue, job: Any, bucket: int, elapsed: float) -> asyncio.Future:
+    def admit(self, task: str, queue: Queue, job: Any, bucket: Hashable, elapsed: float) -> asyncio.Future:
         """Queue `job` and return its future, or raise `Overloaded`. Half the deadline leaves room for the
         estimate to be wrong (a rate is a moving average; a burst of slow jobs lands after it)."""
         foreseen = self.foreseen_s(task, queue, elapsed)

@@ -9,6 +9,8 @@ Layout (FastAPI's reference layout; each module is usable and testable on its ow
   no HTTP in it.
 - `service.middleware`: JSON logs, the body-size limit (413), request ids, access log, the error shape.
 - `service.loading`: the settings' runtime (ONNX bundle or PyTorch checkpoint) behind one `Recommender`.
+- `service.models`: the model being served as one immutable value (`Served`), swapped whole.
+- `service.admin`: model swaps and item availability, behind the token.
 - `service.batcher` (queues; knows nothing of T5), `service.schemas` (strict request bodies),
   `service.metrics`, `service.settings`.
 The model side is `pod.recommender` (jobs to beam searches, ID resolution; knows nothing of HTTP).
@@ -27,12 +29,14 @@ from fastapi import FastAPI, Security
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.admin import admin, load_availability
 from service.admission import Admission, Throughput
 from service.batcher import Batcher
 from service.dependencies import api_token, authorized
 from service.loading import load_recommender
 from service.metrics import Metrics
 from service.middleware import BodyLimit, http_error, invalid, request_context, setup_logging, unexpected
+from service.models import Served, run_batch
 from service.routes import UNAUTHORIZED, ops, recommend
 from service.settings import ServeSettings
 
@@ -53,16 +57,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pod-model")
     recommender, label = await loop.run_in_executor(executor, load_recommender, settings)
-    state.recommender, state.label = recommender, label
+    state.unavailable_raw = load_availability(settings.availability_file)
+    state.model = Served(recommender, label).with_unavailable(state.unavailable_raw)
+    state.swapping = asyncio.Lock()
+    metrics.model_info.labels(label).set(1)
+    metrics.unavailable.set(len(state.model.unavailable))
     state.batchers = {}
-    for task, run_batch in (
-        ("sequential", recommender.sequential),
-        ("topn", recommender.topn),
-        ("explanation", recommender.explain),
-    ):
+    for task, method in (("sequential", "sequential"), ("topn", "topn"), ("explanation", "explain")):
         batcher = Batcher(
             task,
-            run_batch,
+            run_batch(method),
             executor,
             settings.max_batch_size,
             settings.max_wait_ms,
@@ -114,4 +118,5 @@ def create_app(settings: ServeSettings) -> FastAPI:
     else:
         app.include_router(recommend, dependencies=[Security(authorized)], responses=UNAUTHORIZED)
     app.include_router(ops)
+    app.include_router(admin)  # 403 without a token, 401 without the right one
     return app

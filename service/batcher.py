@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +23,7 @@ class QueueFull(Exception):
 @dataclass
 class Job:
     payload: Any
-    bucket: int
+    bucket: Hashable  # jobs with equal buckets may share a batch
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -57,7 +57,7 @@ class Batcher:
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
-    def submit(self, payload: Any, bucket: int = 0) -> asyncio.Future:
+    def submit(self, payload: Any, bucket: Hashable = 0) -> asyncio.Future:
         """Queue a job; its future resolves to the job's result. Raises QueueFull when the queue is full."""
         self.pending = [j for j in self.pending if not j.future.done()]
         if self.closed:

@@ -140,6 +140,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--device", help=f"PyTorch device: auto, cpu, cuda {d('device')}")
     sv.add_argument("--log-level", dest="log_level", help=f"log level {d('log_level')}")
     sv.add_argument(
+        "--availability-file",
+        dest="availability_file",
+        help="JSON list of unavailable item IDs, kept across restarts; POST /admin/availability writes it "
+        "(env POD_AVAILABILITY_FILE)",
+    )
+    sv.add_argument(
         "--api-token",
         dest="api_token",
         help="bearer token for the recommendation endpoints; prefer env POD_API_TOKEN (flags show in `ps`)",

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from pod.recommender import Recommender
+from service.models import Served
 from service.settings import ServeSettings
 
 MIN_TOKEN_CHARS = 16
@@ -48,9 +48,9 @@ async def authorized(
         )
 
 
-async def ready_recommender(request: Request) -> Recommender:
-    """The recommender, once loaded and warmed up and until shutdown starts; before and after, 503 with
-    Retry-After so a load balancer sends the client elsewhere for a moment."""
+async def ready_model(request: Request) -> Served:
+    """The model being served (read once per request, so a swap cannot change it midway), once loaded and warm
+    and until shutdown starts; before and after, 503 with Retry-After so a load balancer looks elsewhere."""
     state = request.app.state
     if not state.ready:
         raise HTTPException(
@@ -58,12 +58,12 @@ async def ready_recommender(request: Request) -> Recommender:
             detail=[{"loc": [], "msg": "not ready (loading or shutting down)", "input": None}],
             headers={"Retry-After": "1"},
         )
-    return state.recommender
+    return state.model
 
 
 async def settings(request: Request) -> ServeSettings:
     return request.app.state.settings
 
 
-ReadyRecommender = Annotated[Recommender, Depends(ready_recommender)]
+ReadyModel = Annotated[Served, Depends(ready_model)]
 Settings = Annotated[ServeSettings, Depends(settings)]

@@ -31,6 +31,9 @@ class Metrics:
         self.tokens = Counter("pod_tokens_generated_total", "Decoder tokens generated", ["task"], registry=r)
         self.queue_depth = Gauge("pod_queue_depth", "Jobs waiting for a batch", ["task"], registry=r)
         self.errors = Counter("pod_errors_total", "Error responses by status code", ["code"], registry=r)
+        self.model_info = Gauge("pod_model_info", "1: serving now; 0: swapped out", ["model"], registry=r)
+        self.answered = Counter("pod_answers_total", "Answers by task and model", ["task", "model"], registry=r)
+        self.unavailable = Gauge("pod_unavailable_items", "Items marked unavailable (never recommended)", registry=r)
 
     def on_batch(self, task: str, size: int, seconds: float, waits: list[float]) -> None:
         self.batch_size.labels(task).observe(size)

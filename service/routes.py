@@ -19,7 +19,8 @@ from pod.dataset import MAX_HISTORY
 from pod.ids import ANONYMOUS_USER
 from pod.recommender import Catalog, ExplainJob, Ranked, SequentialJob, TopNJob
 from service.admission import ClientGone, DeadlinePassed, Overloaded
-from service.dependencies import ReadyRecommender, Settings
+from service.dependencies import ReadyModel, Settings
+from service.models import Served
 from service.schemas import (
     ErrorResponse,
     ExplainRequest,
@@ -71,12 +72,13 @@ def items_of(catalog: Catalog, field: str, values: list[int | str]) -> list[int]
     return items
 
 
-async def served(request: Request, task: str, job: Any, bucket: int) -> Any:
-    """The job's result from its task's batcher, or the disconnect response (nobody is there to read it)."""
+async def served(request: Request, model: Served, task: str, job: Any, bucket: int) -> Any:
+    """The job's result from its task's batcher, or the disconnect response (nobody is there to read it). The
+    batch key holds the model's generation: a batch never mixes the models before and after a swap."""
     state = request.app.state
     elapsed = time.perf_counter() - request.state.arrived
     try:
-        future = state.admission.admit(task, state.batchers[task], job, bucket, elapsed)
+        future = state.admission.admit(task, state.batchers[task], (model, job), (model.generation, bucket), elapsed)
     except Overloaded as exc:
         raise HTTPException(
             429, detail=[{"loc": [], "msg": str(exc), "input": None}], headers={"Retry-After": str(exc.retry_after_s)}
@@ -96,25 +98,28 @@ async def disconnected(request: Request) -> None:
 
 
 def ranked_response(
-    request: Request, catalog: Catalog, task: str, result: Ranked | Response, form: type, started: float
+    request: Request, model: Served, task: str, result: Ranked | Response, form: type, started: float
 ) -> Response | RecommendResponse:
     """A ranked list in the ID form the request used (or the disconnect response, passed through)."""
     if isinstance(result, Response):
         return result
-    request.app.state.metrics.tokens.labels(task).inc(result.tokens)
+    metrics = request.app.state.metrics
+    metrics.tokens.labels(task).inc(result.tokens)
+    metrics.answered.labels(task, model.label).inc()
+    catalog = model.recommender.catalog
     return RecommendResponse(
         items=[{"item_id": catalog.show_item(i, form), "score": s} for i, s in result.items],
-        model=request.app.state.label,
+        model=model.label,
         latency_ms=round(1000 * (time.perf_counter() - started), 2),
     )
 
 
 @recommend.post("/recommend/sequential", response_model=RecommendResponse)
 async def recommend_sequential(
-    body: SequentialRequest, request: Request, recommender: ReadyRecommender, settings: Settings
+    body: SequentialRequest, request: Request, model: ReadyModel, settings: Settings
 ) -> Response | RecommendResponse:
     started = time.perf_counter()
-    catalog = recommender.catalog
+    recommender, catalog = model.recommender, model.recommender.catalog
     user, form = user_of(catalog, body.user_id, has_history=body.history is not None)
     if body.history is None:
         history = catalog.histories.get(user)
@@ -135,20 +140,21 @@ async def recommend_sequential(
     banned = frozenset(catalog.resolve_items(body.exclude)[0])  # unknown items cannot be recommended anyway
     if body.exclude_seen:
         banned |= frozenset(history)
+    banned |= model.unavailable
     if len(banned) >= len(catalog.item_tokens):
         raise bad("exclude", "every item is excluded; nothing is left to recommend", None)
     job = SequentialJob(user, history, body.k, banned)
     bucket = recommender.input_length("sequential", user, history) // 32  # similar lengths pad little together
-    result = await served(request, "sequential", job, bucket)
-    return ranked_response(request, catalog, "sequential", result, form, started)
+    result = await served(request, model, "sequential", job, bucket)
+    return ranked_response(request, model, "sequential", result, form, started)
 
 
 @recommend.post("/recommend/topn", response_model=RecommendResponse)
 async def recommend_topn(
-    body: TopNRequest, request: Request, recommender: ReadyRecommender, settings: Settings
+    body: TopNRequest, request: Request, model: ReadyModel, settings: Settings
 ) -> Response | RecommendResponse:
     started = time.perf_counter()
-    catalog = recommender.catalog
+    catalog = model.recommender.catalog
     user, _ = user_of(catalog, body.user_id, has_history=bool(body.history))
     history = catalog.histories.get(user, []) if body.history is None else items_of(catalog, "history", body.history)
     candidates = items_of(catalog, "candidates", body.candidates)
@@ -162,24 +168,30 @@ async def recommend_topn(
     if body.mode == "beam" and body.k > settings.beams:
         raise bad("k", f"k={body.k} exceeds the {settings.beams} beams of mode 'beam'; use mode 'score'", body.k)
     form = type(body.candidates[0])
+    candidates = [c for c in candidates if c not in model.unavailable]
+    if not candidates:
+        raise bad("candidates", "every candidate is marked unavailable", None)
     job = TopNJob(user, candidates, min(body.k, len(candidates)), body.mode, history)
-    result = await served(request, "topn", job, len(candidates) // 25)
-    return ranked_response(request, catalog, "topn", result, form, started)
+    result = await served(request, model, "topn", job, len(candidates) // 25)
+    return ranked_response(request, model, "topn", result, form, started)
 
 
 @recommend.post("/explain", response_model=ExplainResponse)
-async def explain(body: ExplainRequest, request: Request, recommender: ReadyRecommender) -> Response | ExplainResponse:
+async def explain(body: ExplainRequest, request: Request, model: ReadyModel) -> Response | ExplainResponse:
     started = time.perf_counter()
-    user, _ = user_of(recommender.catalog, body.user_id)
-    (item,) = items_of(recommender.catalog, "item_id", [body.item_id])
-    result = await served(request, "explanation", ExplainJob(user, item, body.max_tokens), 0)
+    catalog = model.recommender.catalog
+    user, _ = user_of(catalog, body.user_id)
+    (item,) = items_of(catalog, "item_id", [body.item_id])
+    result = await served(request, model, "explanation", ExplainJob(user, item, body.max_tokens), 0)
     if isinstance(result, Response):
         return result
-    request.app.state.metrics.tokens.labels("explanation").inc(result.tokens)
+    metrics = request.app.state.metrics
+    metrics.tokens.labels("explanation").inc(result.tokens)
+    metrics.answered.labels("explanation", model.label).inc()
     return ExplainResponse(
         explanation=result.text,
         score=result.score,
-        model=request.app.state.label,
+        model=model.label,
         latency_ms=round(1000 * (time.perf_counter() - started), 2),
     )
 
@@ -193,7 +205,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> dict[str, str] | JSONResponse:
     if not request.app.state.ready:
         return JSONResponse(status_code=503, content={"status": "not ready"})
-    return {"status": "ready", "model": request.app.state.label}
+    return {"status": "ready", "model": request.app.state.model.label}
 
 
 @ops.get("/metrics", response_class=PlainTextResponse)

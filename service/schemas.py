@@ -94,3 +94,26 @@ class ErrorResponse(BaseModel):
     """Every error the service answers (4xx and 5xx) has this shape, so a client can always show `msg`."""
 
     detail: list[ErrorEntry]
+
+
+class AvailabilityRequest(BaseModel):
+    model_config = STRICT
+    unavailable: list[Id] = Field(default_factory=list, max_length=100_000, description="items to stop recommending")
+    available: list[Id] = Field(default_factory=list, max_length=100_000, description="items to recommend again")
+
+
+class AvailabilityResponse(BaseModel):
+    unavailable: list[str] = Field(description="raw IDs of every item marked unavailable, sorted")
+    model: str
+
+
+class ModelSwapRequest(BaseModel):
+    model_config = STRICT
+    bundle: str | None = Field(None, max_length=4096, description="bundle directory (ONNX runtime)")
+    checkpoint: str | None = Field(None, max_length=4096, description="checkpoint directory (PyTorch runtime)")
+
+
+class ModelSwapResponse(BaseModel):
+    model: str = Field(description="the label of the model now serving")
+    previous: str
+    seconds: float = Field(description="load, verification and smoke test")

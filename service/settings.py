@@ -39,6 +39,9 @@ class ServeSettings(BaseSettings):
         "the ID trie allows (faster: forced tokens and the final end-of-ID step cost nothing)",
     )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
+    availability_file: str | None = Field(
+        None, description="JSON list of unavailable item IDs kept across restarts (POST /admin/availability writes it)"
+    )
     warmup: bool = True
     log_level: str = "info"
     # A secret: printed as ********** and never logged; prefer the environment to a flag (ps shows flags).
