@@ -26,6 +26,8 @@ from typing import Protocol
 
 import numpy as np
 
+from pod.tracing import span
+
 NEG_INF = -np.inf
 _INIT = -1.0e9  # score of the not-yet-used beams before the first step (as Hugging Face)
 
@@ -160,6 +162,7 @@ def beam_search(
     an item's score is its log-probability under the model conditioned on producing a valid item, a token
     with no alternative is free, and a final step where every live beam can only end is never computed.
     Either way the session computes only live beams, and only the allowed tokens' logits (when it can).
+    Each session call is a `decoder.step` span (step index, rows) when tracing is on (`pod.tracing`).
     """
     if num_beams % num_groups:
         raise ValueError(f"num_beams ({num_beams}) must be a multiple of num_groups ({num_groups})")
@@ -203,7 +206,8 @@ def beam_search(
             logp_sent = np.zeros((send.size, 1), dtype=np.float32)  # every live beam can only end: nothing to compute
         else:
             src = None if sent is None else _position(sent, parents[send])
-            logits, lse = step_logits(session, tokens[send], src, columns, not renormalize)
+            with span("decoder.step", step=step, rows=send.size):
+                logits, lse = step_logits(session, tokens[send], src, columns, not renormalize)
             logp_sent = logits if renormalize else logits - lse[:, None]
             sent = send
         vocab = logp_sent.shape[1]

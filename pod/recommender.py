@@ -10,6 +10,9 @@ Three homes live here:
   truncation), declared once;
 - `Catalog`: who and what the model knows, and the one place item tries are built;
 - `Recommender`: the ranking itself.
+
+With tracing on (`pod.tracing`), a batch shows as an `encoder` span (tokenization and the encoder), then a
+`search` span (beam search, one-step top-k, or exact scoring) holding one `decoder.step` span per decoder call.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pod.dataset import MAX_HISTORY
 from pod.decoding import Constraint, DecoderSession, Trie, beam_search, log_softmax, step_logits, top_columns
 from pod.ids import ANONYMOUS_USER
 from pod.tokenization import EOS_ID, PAD_ID, Tokenizer
+from pod.tracing import span
 
 
 @dataclass(frozen=True)
@@ -227,19 +231,25 @@ class Recommender:
 
     # Ranking ------------------------------------------------------------------------------------------------
 
+    def _start(self, task: str, texts: list[str]) -> DecoderSession:
+        """The runtime's encoder pass over a batch (tokenization included)."""
+        with span("encoder", task=task, rows=len(texts)):
+            return self.runtime.start(task, texts)
+
     def _rank(self, task: str, texts: list[str], cons: list[Constraint], ks: list[int]) -> list[Ranked]:
         """One constrained beam search over a batch: each job's best `k` items with their scores."""
-        session = self.runtime.start(task, texts)
-        hyps = beam_search(
-            session,
-            len(texts),
-            self.config.beams,
-            self.catalog.longest_item,
-            EOS_ID,
-            constraints=cons,
-            length_penalty=0.0,
-            normalize=self.config.normalizer,
-        )
+        session = self._start(task, texts)
+        with span("search", task=task, mode="beam", rows=len(texts), beams=self.config.beams):
+            hyps = beam_search(
+                session,
+                len(texts),
+                self.config.beams,
+                self.catalog.longest_item,
+                EOS_ID,
+                constraints=cons,
+                length_penalty=0.0,
+                normalize=self.config.normalizer,
+            )
         return [
             Ranked([(h.value, h.logprob) for h in row][:k], sum(len(h.tokens) for h in row)) for k, row in zip(ks, hyps)
         ]
@@ -253,15 +263,18 @@ class Recommender:
         rank on its device (`top_columns`) does, and only `rows x k` numbers come back to the host.
         """
         cat = self.catalog
-        session = self.runtime.start(task, texts)
+        session = self._start(task, texts)
         exact = self.config.normalizer == "exact"
         start = np.full(len(texts), PAD_ID, dtype=np.int64)
         k = max(ks, default=0)
-        if hasattr(session, "top_columns"):
-            idx, scores = session.top_columns(start, cat.item_columns, sets, keep, k, exact)
-        else:
-            logits, lse = step_logits(session, start, None, cat.item_columns, exact)
-            idx, scores = top_columns(logits.astype(np.float32, copy=False), lse, sets, keep, k)
+        with span("search", task=task, mode="one_step", rows=len(texts), k=k):
+            if hasattr(session, "top_columns"):  # the step and the top-k, fused on the device
+                with span("decoder.step", step=0, rows=len(texts)):
+                    idx, scores = session.top_columns(start, cat.item_columns, sets, keep, k, exact)
+            else:
+                with span("decoder.step", step=0, rows=len(texts)):
+                    logits, lse = step_logits(session, start, None, cat.item_columns, exact)
+                idx, scores = top_columns(logits.astype(np.float32, copy=False), lse, sets, keep, k)
         out = []
         for row, k_row in enumerate(ks):
             n = int((idx[row, :k_row] >= 0).sum())
@@ -311,16 +324,19 @@ class Recommender:
         encoder pass (teacher forcing through the same decoder step the beam search uses)."""
         width = len(jobs[0].candidates)
         seqs = [self.catalog.item_tokens[i] for j in jobs for i in j.candidates]
-        session = self.runtime.start("topn", [self.job_text("topn", j) for j in jobs])
+        session = self._start("topn", [self.job_text("topn", j) for j in jobs])
         rows = np.arange(len(seqs))
         total = np.zeros(len(seqs), dtype=np.float64)
         tokens = np.full(len(seqs), PAD_ID, dtype=np.int64)  # the decoder start token
-        for t in range(max(len(s) for s in seqs)):
-            logp = log_softmax(session.step(tokens, None if t == 0 else rows))
-            nxt = np.array([s[t] if t < len(s) else PAD_ID for s in seqs], dtype=np.int64)
-            live = np.array([t < len(s) for s in seqs])
-            total += np.where(live, logp[rows, nxt], 0.0)
-            tokens = nxt
+        with span("search", task="topn", mode="score", rows=len(jobs), candidates=len(seqs)):
+            for t in range(max(len(s) for s in seqs)):
+                with span("decoder.step", step=t, rows=len(seqs)):
+                    logits = session.step(tokens, None if t == 0 else rows)
+                logp = log_softmax(logits)
+                nxt = np.array([s[t] if t < len(s) else PAD_ID for s in seqs], dtype=np.int64)
+                live = np.array([t < len(s) for s in seqs])
+                total += np.where(live, logp[rows, nxt], 0.0)
+                tokens = nxt
         out = []
         for n, job in enumerate(jobs):
             mine = total[n * width : (n + 1) * width]
@@ -331,18 +347,19 @@ class Recommender:
 
     def explain(self, jobs: Sequence[ExplainJob]) -> list[Explanation]:
         cfg = self.config
-        session = self.runtime.start("explanation", [self.job_text("explanation", j) for j in jobs])
-        hyps = beam_search(
-            session,
-            len(jobs),
-            cfg.explanation_beams,
-            max(j.max_tokens for j in jobs),
-            EOS_ID,
-            num_groups=cfg.explanation_groups,
-            diversity_penalty=cfg.diversity_penalty,
-            length_penalty=1.0,
-            num_return=1,
-        )
+        session = self._start("explanation", [self.job_text("explanation", j) for j in jobs])
+        with span("search", task="explanation", mode="beam", rows=len(jobs), beams=cfg.explanation_beams):
+            hyps = beam_search(
+                session,
+                len(jobs),
+                cfg.explanation_beams,
+                max(j.max_tokens for j in jobs),
+                EOS_ID,
+                num_groups=cfg.explanation_groups,
+                diversity_penalty=cfg.diversity_penalty,
+                length_penalty=1.0,
+                num_return=1,
+            )
         out = []
         for j, row in zip(jobs, hyps):
             if not row:

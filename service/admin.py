@@ -15,6 +15,7 @@ server must not let anyone replace its model.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Security
 
+from pod import tracing
 from pod.atomic import write_text_atomically
 from service.dependencies import authorized
 from service.loading import load_recommender
@@ -104,12 +106,15 @@ async def swap_model(body: ModelSwapRequest, request: Request) -> ModelSwapRespo
         candidate = settings.model_copy(update={field: path})
 
         def load_and_test() -> tuple:
-            recommender, label = load_recommender(candidate)  # verifies the bundle's hashes
-            smoke_test(recommender)
+            with tracing.span("model.load", runtime=settings.runtime):
+                recommender, label = load_recommender(candidate)  # verifies the bundle's hashes
+            with tracing.span("model.smoke_test"):
+                smoke_test(recommender)
             return recommender, label
 
-        try:  # a thread of its own: the model thread keeps serving meanwhile
-            recommender, label = await asyncio.get_running_loop().run_in_executor(None, load_and_test)
+        try:  # a thread of its own (its spans under the request's): the model thread keeps serving meanwhile
+            in_request = contextvars.copy_context()
+            recommender, label = await asyncio.get_running_loop().run_in_executor(None, in_request.run, load_and_test)
         except Exception as exc:
             log.warning("model swap refused", extra={"fields": {field: path, "error": str(exc)}})
             raise bad(field, f"refused, the current model keeps serving: {exc}", path) from None

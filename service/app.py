@@ -11,6 +11,7 @@ Layout (FastAPI's reference layout; each module is usable and testable on its ow
 - `service.loading`: the settings' runtime (ONNX bundle or PyTorch checkpoint) behind one `Recommender`.
 - `service.models`: the model being served as one immutable value (`Served`), swapped whole.
 - `service.admin`: model swaps and item availability, behind the token.
+- `service.tracing`: OpenTelemetry spans (off unless `POD_TRACING`): request, queue wait, batch.
 - `service.batcher` (queues; knows nothing of T5), `service.schemas` (strict request bodies),
   `service.metrics`, `service.settings`.
 The model side is `pod.recommender` (jobs to beam searches, ID resolution; knows nothing of HTTP).
@@ -24,11 +25,14 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Security
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pod import tracing as pod_tracing
+from pod.recommender import Recommender
 from service.admin import admin, load_availability
 from service.admission import Admission, Throughput
 from service.batcher import Batcher
@@ -36,9 +40,10 @@ from service.dependencies import api_token, authorized
 from service.loading import load_recommender
 from service.metrics import Metrics
 from service.middleware import BodyLimit, http_error, invalid, request_context, setup_logging, unexpected
-from service.models import Served, run_batch
+from service.models import Served, batch_formed, run_batch
 from service.routes import UNAUTHORIZED, ops, recommend
 from service.settings import ServeSettings
+from service.tracing import check_available, setup_tracing, shutdown_tracing
 
 __all__ = ["create_app", "setup_logging"]  # `pod serve` imports both from here
 
@@ -47,6 +52,17 @@ log = logging.getLogger("pod.service")
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Tracing (when on) for the whole life of the service, so that its last spans are sent at the end."""
+    provider = setup_tracing(app.state.settings, app.state.span_exporter)
+    try:
+        async with serving(app):
+            yield
+    finally:
+        shutdown_tracing(provider)
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[None]:
     """Ready only once the model is loaded and warm; on shutdown, refuse new work but finish what was admitted.
 
     One model thread serves every task: batches of different tasks take turns instead of fighting over the
@@ -66,19 +82,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for task, method in (("sequential", "sequential"), ("topn", "topn"), ("explanation", "explain")):
         batcher = Batcher(
             task,
-            run_batch(method),
+            run_batch(method, task),
             executor,
             settings.max_batch_size,
             settings.max_wait_ms,
             settings.max_queue,
             lambda *batch: (metrics.on_batch(*batch), throughput.on_batch(*batch)),
             metrics.on_depth,
+            batch_formed if pod_tracing.tracer() is not None else None,
         )
         batcher.start()
         state.batchers[task] = batcher
     if settings.warmup:
         t0 = time.perf_counter()
-        await loop.run_in_executor(executor, recommender.warmup)
+        await loop.run_in_executor(executor, warmup, recommender)
         log.info("warm-up done", extra={"fields": {"seconds": round(time.perf_counter() - t0, 3)}})
     state.ready = True
     log.info("ready", extra={"fields": {"model": label, "runtime": settings.runtime}})
@@ -89,10 +106,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     log.info("stopped")
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
+def warmup(recommender: Recommender) -> None:
+    with pod_tracing.span("warmup"):  # the warm-up's encoder and search spans under one root
+        recommender.warmup()
+
+
+def create_app(settings: ServeSettings, span_exporter: Any = None) -> FastAPI:
     """The service for `settings`. Nothing is loaded until the lifespan starts, so this is cheap and a bad
-    setting (a short token) fails here, before a port is bound."""
+    setting (a short token, tracing without OpenTelemetry installed) fails here, before a port is bound.
+    `span_exporter` (with `settings.tracing`): where spans go instead of OTLP, e.g. an in-memory exporter."""
     token = api_token(settings)
+    if settings.tracing:
+        check_available()
     app = FastAPI(
         title="POD recommendation service",
         version="0.1.0",
@@ -104,6 +129,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.admission = Admission(settings.request_timeout_s, Throughput())
     app.state.ready = False
+    app.state.span_exporter = span_exporter
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.middleware("http")(request_context)  # outermost: sees every answer, the 413s of BodyLimit included

@@ -39,6 +39,7 @@ class Batcher:
         max_queue: int = 256,
         on_batch: Callable[[str, int, float, list[float]], None] | None = None,
         on_depth: Callable[[str, int], None] | None = None,
+        on_formed: Callable[[str, list[Any]], None] | None = None,
     ) -> None:
         self.name = name
         self.run_batch = run_batch
@@ -48,6 +49,7 @@ class Batcher:
         self.max_queue = max_queue
         self.on_batch = on_batch or (lambda *a: None)
         self.on_depth = on_depth or (lambda *a: None)
+        self.on_formed = on_formed  # (name, payloads) when a batch closes, before it waits for the executor
         self.pending: list[Job] = []
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -108,6 +110,8 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
+            if self.on_formed is not None:
+                self.on_formed(self.name, [j.payload for j in batch])
             started = time.perf_counter()
             waits = [started - j.enqueued for j in batch]
             self.running = len(batch)

@@ -19,6 +19,7 @@ SERVE_DEFAULTS: dict[str, object] = {
     "provider": "auto",
     "device": "auto",
     "log_level": "info",
+    "tracing": False,
 }
 """`service.settings.ServeSettings`'s defaults, written out for the help text: `pod serve` flags default to None
 so that the `POD_*` environment, then ServeSettings, decide (tests/test_cli.py keeps the two equal)."""
@@ -139,6 +140,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--provider", help=f"ONNX Runtime provider: auto, cpu, cuda {d('provider')}")
     sv.add_argument("--device", help=f"PyTorch device: auto, cpu, cuda {d('device')}")
     sv.add_argument("--log-level", dest="log_level", help=f"log level {d('log_level')}")
+    sv.add_argument(
+        "--tracing",
+        action="store_true",
+        default=None,
+        help="send OpenTelemetry spans (request, queue wait, batch, encoder, decoder steps, search) over OTLP/HTTP to "
+        f"$OTEL_EXPORTER_OTLP_ENDPOINT (else http://localhost:4318) {d('tracing')}",
+    )
     sv.add_argument(
         "--availability-file",
         dest="availability_file",

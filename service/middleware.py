@@ -21,6 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import tracing
+
 log = logging.getLogger("pod.service")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # echoed in a header and logged: nothing else is taken
@@ -87,20 +89,25 @@ class BodyLimit:
 async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     """Give the request an id (the client's when tame), refuse a declared oversize body before reading it,
     then log and meter the answer. `request.state.arrived` is where the request deadline starts: under load,
-    parsing and validation wait for the event loop, and that wait is part of what the client sees."""
+    parsing and validation wait for the event loop, and that wait is part of what the client sees. With tracing
+    on, the request is a server span (`request.state.span`; None when off) carrying its id."""
     settings, metrics = request.app.state.settings, request.app.state.metrics
     rid = request.headers.get("x-request-id", "")
     if not REQUEST_ID.fullmatch(rid):
         rid = uuid.uuid4().hex
     request.state.request_id = rid
     started = request.state.arrived = time.perf_counter()
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-        response: Response = JSONResponse(
-            status_code=413, content={"detail": [too_large(length, settings.max_body_bytes)]}
-        )
-    else:
-        response = await call_next(request)
+    with tracing.request_span(request, rid) as span:
+        request.state.span = span
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            response: Response = JSONResponse(
+                status_code=413, content={"detail": [too_large(length, settings.max_body_bytes)]}
+            )
+        else:
+            response = await call_next(request)
+        if span is not None:
+            tracing.finish_request(span, request, response.status_code)
     elapsed = time.perf_counter() - started
     response.headers["X-Request-ID"] = rid
     endpoint = request.url.path

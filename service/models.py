@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pod.recommender import Recommender, SequentialJob, TopNJob
+from service import tracing
 
 SMOKE_USERS = 8  # users a candidate model must rank before it may serve
 
@@ -32,13 +33,24 @@ class Served:
         return replace(self, unavailable=items)
 
 
-def run_batch(method: str) -> Callable[[Sequence[tuple[Served, Any]]], list]:
-    """The batcher's call for one task: a batch's jobs share one model (its generation is in the batch key)."""
+Payload = tuple[Served, Any, tracing.JobTrace | None]  # what a route submits: the model, the job, its trace
 
-    def run(pairs: Sequence[tuple[Served, Any]]) -> list:
-        return getattr(pairs[0][0].recommender, method)([job for _, job in pairs])
+
+def run_batch(method: str, task: str | None = None) -> Callable[[Sequence[Payload]], list]:
+    """The batcher's call for one task: a batch's jobs share one model (its generation is in the batch key).
+    With tracing on, the batch is a `batch` span linked to its requests' spans."""
+
+    def run(batch: Sequence[Payload]) -> list:
+        model = batch[0][0]
+        with tracing.batch_span(task or method, model.label, model.generation, [trace for _, _, trace in batch]):
+            return getattr(model.recommender, method)([job for _, job, _ in batch])
 
     return run
+
+
+def batch_formed(task: str, batch: Sequence[Payload]) -> None:
+    """The batcher's `on_formed` while tracing: marks each job's queue wait where its batch closed."""
+    tracing.formed([trace for _, _, trace in batch])
 
 
 class SmokeTestFailed(Exception):

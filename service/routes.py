@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pod.dataset import MAX_HISTORY
 from pod.ids import ANONYMOUS_USER
 from pod.recommender import Catalog, ExplainJob, Ranked, SequentialJob, TopNJob
+from service import tracing
 from service.admission import ClientGone, DeadlinePassed, Overloaded
 from service.dependencies import ReadyModel, Settings
 from service.models import Served
@@ -74,12 +75,17 @@ def items_of(catalog: Catalog, field: str, values: list[int | str]) -> list[int]
 
 async def served(request: Request, model: Served, task: str, job: Any, bucket: int) -> Any:
     """The job's result from its task's batcher, or the disconnect response (nobody is there to read it). The
-    batch key holds the model's generation: a batch never mixes the models before and after a swap."""
+    batch key holds the model's generation: a batch never mixes the models before and after a swap. The job
+    travels as `(model, job, trace)`, `trace` its `queue.wait` span and request ids (None, tracing off)."""
     state = request.app.state
     elapsed = time.perf_counter() - request.state.arrived
+    trace = tracing.queued(request, task)
     try:
-        future = state.admission.admit(task, state.batchers[task], (model, job), (model.generation, bucket), elapsed)
+        future = state.admission.admit(
+            task, state.batchers[task], (model, job, trace), (model.generation, bucket), elapsed
+        )
     except Overloaded as exc:
+        tracing.left(trace)
         raise HTTPException(
             429, detail=[{"loc": [], "msg": str(exc), "input": None}], headers={"Retry-After": str(exc.retry_after_s)}
         ) from None
@@ -89,6 +95,8 @@ async def served(request: Request, model: Served, task: str, job: Any, bucket: i
         return Response(status_code=CLIENT_GONE)
     except DeadlinePassed as exc:
         raise HTTPException(504, detail=[{"loc": [], "msg": str(exc), "input": None}]) from None
+    finally:
+        tracing.left(trace)  # a wait its batch never ended
 
 
 async def disconnected(request: Request) -> None:

@@ -44,6 +44,10 @@ class ServeSettings(BaseSettings):
     )
     warmup: bool = True
     log_level: str = "info"
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry spans over OTLP/HTTP to $OTEL_EXPORTER_OTLP_ENDPOINT (see service/tracing.py)",
+    )
     # A secret: printed as ********** and never logged; prefer the environment to a flag (ps shows flags).
     api_token: SecretStr | None = Field(
         None, description="bearer token the recommendation endpoints require (health, metrics and docs stay open)"
