@@ -68,7 +68,7 @@ class TrainConfig:
     schedule: str = "constant"  # constant | linear | cosine (after warmup)
     clip: float = 1.0
     dropout: float | None = None  # default: the preset's
-    init_std: float | None = 0.05  # random models: token/whole-word embeddings from N(0, init_std); None: T5's 1.0
+    init_std: float | None = None  # random models: token/whole-word embeddings from N(0, init_std); None: T5's 1.0
     patience: int = 5
     val_limit: int | None = None  # validate on a seeded random sample of this many users/records per task
     save_every: int = 0  # also write last/ every N steps (0: at epoch ends and when stopping)
@@ -477,6 +477,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                             "lr": scheduler.get_last_lr()[0],
                             "grad_norm": float(grad_norm),
                             "samples_per_s": rate,
+                            "world": world,  # processes in the run (torchrun); samples_per_s counts them all
                         },
                     )
                 t_window, n_window = time.monotonic(), 0
