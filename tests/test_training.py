@@ -235,3 +235,27 @@ def test_collaborative_run_trains_and_resumes(small_synth, tmp_path):
 def test_hit_rate_selection_needs_token_ids(small_synth, tmp_path):
     with pytest.raises(ValueError, match="--select-by hr10 needs"):
         train(TrainConfig(data=str(small_synth), out=str(tmp_path / "r"), select_by="hr10", item_ids="digits", **FAST))
+
+
+def test_worker_processes_tokenize_the_same_batches(small_synth, tmp_path):
+    """`--loader-workers` (the GPU default) only moves tokenizing into other processes: same batches, same losses."""
+    from training.train import TrainConfig, train
+
+    losses = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        cfg = TrainConfig(
+            data=str(small_synth),
+            out=str(out),
+            tasks=["sequential", "topn"],
+            max_steps=6,
+            log_every=1,
+            batch_size=8,
+            val_limit=10,
+            loader_workers=workers,
+            progress=False,
+        )
+        train(cfg)
+        steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        losses[workers] = [(r["task"], round(r["loss"], 5)) for r in steps if r["event"] == "step"]
+    assert len(losses[0]) == 6 and losses[0] == losses[2]

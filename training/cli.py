@@ -234,6 +234,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--clip", type=float, help=f"gradient norm clip, 0 disables {d('clip')}")
     tr.add_argument("--dropout", type=float, help="dropout rate (default: the preset's)")
     tr.add_argument(
+        "--loader-workers",
+        type=int,
+        dest="loader_workers",
+        help="processes that tokenize batches ahead (default: 2 on CUDA, 0 = inline on CPU)",
+    )
+    tr.add_argument(
         "--init-std",
         type=float,
         dest="init_std",

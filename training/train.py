@@ -17,11 +17,14 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pod import TASKS, templates
@@ -76,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    loader_workers: int | None = None  # processes tokenizing batches ahead; None: 2 on CUDA, 0 (inline) on CPU
     progress: bool = True
 
 
@@ -297,6 +301,28 @@ def quick_sequential_config(data: str | Path, out: str | Path) -> TrainConfig:
     )
 
 
+def _tensors(batch: list[Sample], tokenizer: Tokenizer, task_index: dict[str, int]) -> tuple[str, int, dict]:
+    return batch[0].task, len(batch), collate(batch, tokenizer, task_index)
+
+
+def batch_loader(
+    batches: list[list[Sample]], tokenizer: Tokenizer, task_index: dict[str, int], workers: int, pin: bool
+) -> Iterable[tuple[str, int, dict[str, torch.Tensor]]]:
+    """(task, size, tensors) per batch, in order. With `workers`, tokenizing and padding run ahead in worker
+    processes: on a GPU the host-side collate was a large share of each step (benchmarks/NOTES.md, issue 15);
+    on a 2-core CPU a worker would only take a core from the model, so there it runs inline."""
+    if workers <= 0:
+        return (_tensors(b, tokenizer, task_index) for b in batches)
+    return DataLoader(
+        batches,
+        batch_size=None,  # each item is already a batch
+        num_workers=workers,
+        collate_fn=partial(_tensors, tokenizer=tokenizer, task_index=task_index),
+        pin_memory=pin,
+        prefetch_factor=4,
+    )
+
+
 def resume_dir(out: Path) -> Path:
     """`OUT/last`; after a kill between the checkpoint swap's two renames, the previous one is restored from
     `.last.old` first (the swap finished by hand), so every later path points at `last/` as usual."""
@@ -436,10 +462,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             dynamic_ncols=True,
         )
         t_window, n_window = time.monotonic(), 0
-        for batch_samples in batches[progress["step_in_epoch"] :]:
-            batch = {
-                k: v.to(device, non_blocking=True) for k, v in collate(batch_samples, tokenizer, task_index).items()
-            }
+        workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if device.type == "cuda" else 0)
+        todo = batches[progress["step_in_epoch"] :]
+        loader = batch_loader(todo, tokenizer, task_index, workers, pin=device.type == "cuda")
+        for task, size, tensors in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
             with autocast(cfg, device):
                 loss = ddp(**batch)
             optimizer.zero_grad(set_to_none=True)
@@ -450,7 +477,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             scheduler.step()
             progress["step_in_epoch"] += 1
             progress["global_step"] += 1
-            task = batch_samples[0].task if cfg.strategy == "alternated" else "mixed"
+            task = task if cfg.strategy == "alternated" else "mixed"
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -460,7 +487,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             sums.setdefault(task, [0.0, 0])
             sums[task][0] += value
             sums[task][1] += 1
-            n_window += len(batch_samples) * world
+            n_window += size * world
             bar.update(1)
             if progress["global_step"] % cfg.log_every == 0:
                 rate = n_window / max(1e-9, time.monotonic() - t_window)
