@@ -7,6 +7,13 @@
 # Every pip install is pinned by deploy/constraints.txt (the versions the tests pass with) plus the torch and
 # onnxruntime-gpu pins below. No model weights are downloaded at build time: the train image trains from
 # scratch on the embedded synthetic shop (or on data you mount), and servers read a bundle from a volume.
+# Bases: PYTHON_IMAGE is the official slim image (Python in /usr/local/bin); a plain Debian bookworm image works
+# too (`--build-arg PYTHON_IMAGE=localhost/pod-base:bookworm`, as deploy/images/build.sh makes one with
+# debootstrap): the base stage then installs Debian's python3 and python3-venv (/usr/bin/python3).
+# Package index settings never enter an image: two optional build secrets reach pip only while it runs,
+#   --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt   a CA bundle (a TLS-intercepting proxy)
+#   --secret id=pip_conf,src=pip.conf                           a pip config (index-url with a token, proxy)
+# (BuildKit: `docker build --secret ...`; podman/buildah: `podman build --secret ...`; compose: `secrets:`).
 
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
@@ -21,7 +28,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
-RUN groupadd --system --gid 10001 pod \
+# Official python images have python3; a plain Debian base gets Debian's (the same 3.11 as bookworm's slim image).
+# DL3008 (pin apt versions) ignored: the pinned base release decides them, and Debian drops superseded versions.
+# hadolint ignore=DL3008
+RUN if ! command -v python3 >/dev/null 2>&1; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
+    fi \
+    && groupadd --system --gid 10001 pod \
     && useradd --system --uid 10001 --gid pod --home-dir /app --shell /usr/sbin/nologin pod \
     && mkdir -p /app /models \
     && chown pod:pod /app /models
@@ -39,7 +54,10 @@ COPY loadtests /src/loadtests
 
 # ---------------------------------------------------------------- serve (CPU): `.[serve]` only, no torch
 FROM source AS serve-build
-RUN python -m venv /opt/venv \
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_conf \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
+    && python3 -m venv /opt/venv \
     && pip install --no-compile -c /src/deploy/constraints.txt "/src[serve]" \
     && ! pip show torch >/dev/null 2>&1
 
@@ -58,8 +76,15 @@ CMD ["serve"]
 # ---------------------------------------------------------------- train: torch CPU wheel, `.[export]` (train + ONNX)
 FROM source AS train-build
 ARG TORCH_VERSION
-RUN python -m venv /opt/venv \
-    && pip install --no-compile --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
+# the CPU wheel (no CUDA libraries); where that index is unreachable, a pip_conf secret with `find-links` to a
+# directory holding the +cpu wheel and TORCH_INDEX_URL=https://pypi.org/simple (for its dependencies) does it
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_conf \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
+    && python3 -m venv /opt/venv \
+    && pip install --no-compile --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    && python -c "import torch; assert torch.version.cuda is None, 'not the CPU wheel: ' + torch.__version__" \
     && pip install --no-compile -c /src/deploy/constraints.txt "/src[export]"
 
 FROM base AS train
@@ -73,7 +98,10 @@ CMD ["--help"]
 
 # ---------------------------------------------------------------- loadtest: Locust + the scenario
 FROM source AS loadtest-build
-RUN python -m venv /opt/venv \
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_conf \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
+    && python3 -m venv /opt/venv \
     && pip install --no-compile -c /src/deploy/constraints.txt "/src[loadtest]"
 
 FROM base AS loadtest
@@ -109,7 +137,10 @@ RUN groupadd --system --gid 10001 pod \
     && chown pod:pod /app /models
 WORKDIR /app
 COPY --from=source /src /src
-RUN python3 -m venv /opt/venv \
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_conf \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
+    && python3 -m venv /opt/venv \
     && pip install --no-compile --index-url "${TORCH_CUDA_INDEX}" "torch==${TORCH_VERSION}" \
     && pip install --no-compile -c /src/deploy/constraints.txt "/src[serve,train]" \
     && pip uninstall -y onnxruntime \

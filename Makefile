@@ -63,6 +63,18 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# The images and the compose stack for real, with podman (issue 17; Debian machines without Docker Hub): installs
+# podman and makes a debootstrap Debian base when missing, builds serve, train, loadtest and a Debian Prometheus
+# (sizes in runs/images/report.json), then tests them and `docker compose up` (figures in runs/images/stack.json).
+# Root needed (apt, rootful podman). `make build-images` only builds; serve-gpu needs a CUDA base from Docker Hub.
+.PHONY: build-images test-images
+build-images:
+	sh deploy/images/podman-setup.sh
+	sh deploy/images/build.sh
+
+test-images: setup build-images
+	$(BIN)/python -m pytest -q -m images tests/test_images.py
+
 # The long reliability checks (fuzzing, 60 s overload, SIGTERM under load, faults); see RELIABILITY.md.
 # Uses $(RUN)/bundle when `make demo` wrote one, else builds a small one first.
 reliability: setup

