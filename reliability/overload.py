@@ -12,6 +12,11 @@
    sampled every second.
 4. Recovery: after the load stops, how long until a request succeeds, and its latency beside the idle one.
 
+Goodput is the admitted (200) requests per second during the overload, over the capacity. Locust shares the
+machine with the server: where one Locust process cannot offer the factor, `--workers N` runs N worker
+processes, and `--nice N` lowers the generator's priority so that the server gets the cores first (both
+apply to the capacity run too, so that capacity and overload are measured alike).
+
 Writes `overload.json` and `overload.md` under `--out`; exits 1 when a check fails.
 """
 
@@ -33,20 +38,32 @@ from pathlib import Path
 import httpx
 import psutil
 
-from reliability.server import ROOT, Server, serve
+from reliability.server import ROOT, Server, free_port, serve
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 BODY = {"user_id": 5, "k": 10}
 
 
 def run_locust(
-    server: Server, bundle: Path, users: int, pace: float, seconds: int, prefix: Path, token: str | None = None
+    server: Server,
+    bundle: Path,
+    users: int,
+    pace: float,
+    seconds: int,
+    prefix: Path,
+    token: str | None = None,
+    workers: int = 0,
+    nice: int = 0,
 ) -> dict[str, dict]:
-    """One headless Locust run; returns its stats rows by name (`sequential 200`, ..., `Aggregated`)."""
+    """One headless Locust run; returns its stats rows by name (`sequential 200`, ..., `Aggregated`).
+    `workers` > 0: that many Locust worker processes under one master (`--processes`), for a generator that
+    needs more than one core; `nice` > 0: Locust runs at that lower priority, so that on a machine it shares
+    with the server the server gets the cores it needs first."""
     env = {**os.environ, "POD_RELIABILITY_BUNDLE": str(bundle), "POD_RELIABILITY_PACE": str(pace)}
     if token:
         env["POD_API_TOKEN"] = token
-    cmd = [
+    cmd = ["nice", "-n", str(nice)] if nice else []
+    cmd += [
         sys.executable,
         "-m",
         "locust",
@@ -69,6 +86,10 @@ def run_locust(
         "--loglevel",
         "WARNING",
     ]
+    if workers:
+        port = str(free_port())  # the default port may be taken by another run on the machine
+        cmd += ["--processes", str(workers), "--master-bind-host", "127.0.0.1", "--master-bind-port", port]
+        cmd += ["--master-host", "127.0.0.1", "--master-port", port]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=seconds + 120)
     stats = Path(f"{prefix}_stats.csv")
     if not stats.is_file():
@@ -144,6 +165,8 @@ def overload(
     pace: float = 2.0,
     capacity_seconds: int = 15,
     capacity_users: int = 48,
+    workers: int = 0,
+    nice: int = 0,
     **settings: object,
 ) -> dict:
     """The whole check against a fresh server; returns the result (also written as JSON and Markdown)."""
@@ -156,13 +179,15 @@ def overload(
         printed = next(line for line in server.lines if line.startswith("pod serve settings: "))
         resolved = ServeSettings(**json.loads(printed.split(": ", 1)[1]) | {"api_token": None})
         idle = [timed_request(server.url, headers)[1] for _ in range(5)]
-        cap_rows = run_locust(server, bundle, capacity_users, 0, capacity_seconds, out / "capacity", token)
+        cap_rows = run_locust(
+            server, bundle, capacity_users, 0, capacity_seconds, out / "capacity", token, workers, nice
+        )
         capacity = float(cap_rows["sequential 200"]["Requests/s"])
         longest_wait = min(resolved.max_queue / capacity, resolved.request_timeout_s / 2) + 0.5
         users = math.ceil(capacity * longest_wait + (factor - 1) * capacity / pace)
         sampler = Sampler(server)
         sampler.start()
-        rows = run_locust(server, bundle, users, pace, seconds, out / "overload", token)
+        rows = run_locust(server, bundle, users, pace, seconds, out / "overload", token, workers, nice)
         load_ended = time.perf_counter()
         recovered_after = None
         while time.perf_counter() - load_ended < 60:
@@ -183,11 +208,15 @@ def overload(
     rss = sampler.rss_mib
     half = len(rss) // 2
     result = {
-        "command": f"python -m reliability.overload --bundle {bundle} --seconds {seconds} --factor {factor}",
+        "command": f"python -m reliability.overload --bundle {bundle} --seconds {seconds} --factor {factor}"
+        f" --pace {pace:g}"
+        + (f" --workers {workers}" if workers else "")
+        + (f" --nice {nice}" if nice else "")
+        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in settings.items() if k in ("max_queue", "max_in_flight")),
         "settings": {
             k: v
             for k, v in resolved.model_dump(mode="json").items()
-            if k in ("max_queue", "max_batch_size", "max_wait_ms", "request_timeout_s", "threads")
+            if k in ("max_queue", "max_in_flight", "max_batch_size", "max_wait_ms", "request_timeout_s", "threads")
         },
         "cpu_cores": os.cpu_count(),
         "idle_latency_ms_p50": round(1000 * statistics.median(idle), 1),
@@ -202,6 +231,7 @@ def overload(
         "shed_429": shed,
         "other_statuses": others,
         "admitted_rps": round(admitted / seconds, 1),
+        "goodput_over_capacity": round(admitted / seconds / capacity, 2) if capacity else None,
         "admitted_p50_ms": percentile_ms(rows, "sequential 200", "50%"),
         "admitted_p99_ms": percentile_ms(rows, "sequential 200", "99%"),
         "admitted_max_ms": percentile_ms(rows, "sequential 200", "100%"),
@@ -261,11 +291,24 @@ def main() -> int:
     parser.add_argument("--factor", type=float, default=3.0, help="offered load over measured capacity")
     parser.add_argument("--pace", type=float, default=2.0, help="requests per second per Locust user")
     parser.add_argument("--capacity-seconds", type=int, default=15)
+    parser.add_argument("--workers", type=int, default=0, help="Locust worker processes (0: one plain process)")
+    parser.add_argument("--nice", type=int, default=0, help="run Locust at this lower priority (nice -n)")
     parser.add_argument("--max-queue", type=int, help="server setting (default: the server's default)")
+    parser.add_argument("--max-in-flight", type=int, help="server setting (default: the server's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "reliability" / "results")
     args = parser.parse_args()
-    settings = {"max_queue": args.max_queue} if args.max_queue else {}
-    result = overload(args.bundle, args.out, args.seconds, args.factor, args.pace, args.capacity_seconds, **settings)
+    settings = {k: v for k, v in (("max_queue", args.max_queue), ("max_in_flight", args.max_in_flight)) if v}
+    result = overload(
+        args.bundle,
+        args.out,
+        args.seconds,
+        args.factor,
+        args.pace,
+        args.capacity_seconds,
+        workers=args.workers,
+        nice=args.nice,
+        **settings,
+    )
     print(markdown(result))
     return 0 if result["ok"] else 1
 

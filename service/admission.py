@@ -7,6 +7,12 @@ throughput passes half the deadline; an admitted job that is still not served wh
 abandoned (504), and one whose client went away is dropped before its batch starts. The deadline runs from
 the request's arrival, not from admission.
 
+The same decision is taken twice: at the door (`enter`, called by `service.middleware.Shed` before the body
+is read or parsed, so that refusing costs microseconds and leaves the event loop and the GIL to the admitted)
+and at the queue (`admit`, after validation: the state may have changed meanwhile). The door also bounds the
+requests of a task that are past it and not yet answered (`max_in_flight`): a burst is refused there, not
+after parsing a body that could never be queued.
+
 Plain Python over `asyncio` futures: no HTTP here, so each decision is tested directly
 (`tests/test_admission.py`); `service.routes` turns the exceptions into status codes.
 """
@@ -44,6 +50,7 @@ class Queue(Protocol):
     def depth(self) -> int: ...
 
     running: int
+    max_queue: int
 
     def submit(self, payload: Any, bucket: Hashable = 0) -> asyncio.Future: ...
 
@@ -75,24 +82,53 @@ class Throughput:
 
 
 class Admission:
-    """The admission policy of one server: a deadline per request and the throughput measured so far."""
+    """The admission policy of one server: a deadline per request, the throughput measured so far, and (when
+    `max_in_flight` > 0) how many requests of a task may be past the door at once."""
 
-    def __init__(self, deadline_s: float, throughput: Throughput | None = None) -> None:
+    def __init__(self, deadline_s: float, throughput: Throughput | None = None, max_in_flight: int = 0) -> None:
         self.deadline_s = deadline_s
         self.throughput = throughput or Throughput()
+        self.max_in_flight = max_in_flight
+        self.in_flight: dict[str, int] = {}  # per task: past the door (`enter`), not yet answered (`leave`)
 
-    def foreseen_s(self, task: str, queue: Queue, elapsed: float) -> float:
-        """When, counted from the request's arrival, a job joining `queue` now would be served."""
-        return elapsed + self.throughput.wait_s(task, queue.depth + queue.running)
+    def foreseen_s(self, task: str, queue: Queue, elapsed: float, ahead: int = 0) -> float:
+        """When, counted from the request's arrival, a job joining `queue` now would be served; `ahead`: jobs
+        known to be coming before it that the queue does not hold yet (requests past the door, being parsed)."""
+        return elapsed + self.throughput.wait_s(task, max(queue.depth + queue.running, ahead))
 
-    def admit(self, task: str, queue: Queue, job: Any, bucket: Hashable, elapsed: float) -> asyncio.Future:
-        """Queue `job` and return its future, or raise `Overloaded`. Half the deadline leaves room for the
-        estimate to be wrong (a rate is a moving average; a burst of slow jobs lands after it)."""
-        foreseen = self.foreseen_s(task, queue, elapsed)
+    def would_shed(self, task: str, queue: Queue, elapsed: float = 0.0, ahead: int = 0) -> Overloaded | None:
+        """Why a job of `task` would be refused now (full queue, or a foreseen wait over half the deadline), or
+        None. Half the deadline leaves room for the estimate to be wrong (a rate is a moving average; a burst
+        of slow jobs lands after it)."""
+        if queue.depth >= queue.max_queue:
+            return Overloaded(f"{task} queue is full ({queue.max_queue} waiting)")
+        foreseen = self.foreseen_s(task, queue, elapsed, ahead)
         if foreseen > self.deadline_s / 2:
-            raise Overloaded(
+            return Overloaded(
                 f"{task} would be served in about {foreseen:.1f} s, over half the {self.deadline_s:g} s deadline"
             )
+        return None
+
+    def enter(self, task: str, queue: Queue) -> Overloaded | None:
+        """The door, before the request's body is read: why it is refused, or None, and then it counts as in
+        flight until `leave`. Requests already past the door are counted as ahead of it in the queue."""
+        inside = self.in_flight.get(task, 0)
+        if self.max_in_flight and inside >= self.max_in_flight:
+            return Overloaded(f"{task} has {inside} requests in flight, the limit")
+        refused = self.would_shed(task, queue, 0.0, inside)
+        if refused is None:
+            self.in_flight[task] = inside + 1
+        return refused
+
+    def leave(self, task: str) -> None:
+        """A request that passed the door has been answered (whatever the answer)."""
+        self.in_flight[task] -= 1
+
+    def admit(self, task: str, queue: Queue, job: Any, bucket: Hashable, elapsed: float) -> asyncio.Future:
+        """Queue `job` and return its future, or raise `Overloaded`."""
+        refused = self.would_shed(task, queue, elapsed)
+        if refused is not None:
+            raise refused
         try:
             return queue.submit(job, bucket)
         except QueueFull as exc:

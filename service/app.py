@@ -7,7 +7,8 @@ Layout (FastAPI's reference layout; each module is usable and testable on its ow
 - `service.dependencies`: what a handler relies on: a ready recommender (else 503), the bearer token.
 - `service.admission`: 429 at the door (full queue, or a foreseen wait over half the deadline), 504 past it;
   no HTTP in it.
-- `service.middleware`: JSON logs, the body-size limit (413), request ids, access log, the error shape.
+- `service.middleware`: early shedding (429 before the body is read), JSON logs, the body-size limit (413),
+  request ids, access log, the error shape.
 - `service.loading`: the settings' runtime (ONNX bundle or PyTorch checkpoint) behind one `Recommender`.
 - `service.models`: the model being served as one immutable value (`Served`), swapped whole.
 - `service.admin`: model swaps and item availability, behind the token.
@@ -35,11 +36,11 @@ from pod import tracing as pod_tracing
 from pod.recommender import Recommender
 from service.admin import admin, load_availability
 from service.admission import Admission, Throughput
-from service.batcher import Batcher
+from service.batcher import Batcher, Worker
 from service.dependencies import api_token, authorized
 from service.loading import load_recommender
 from service.metrics import Metrics
-from service.middleware import BodyLimit, http_error, invalid, request_context, setup_logging, unexpected
+from service.middleware import BodyLimit, Shed, http_error, invalid, request_context, setup_logging, unexpected
 from service.models import Served, batch_formed, run_batch
 from service.routes import UNAUTHORIZED, ops, recommend
 from service.settings import ServeSettings
@@ -66,7 +67,8 @@ async def serving(app: FastAPI) -> AsyncIterator[None]:
     """Ready only once the model is loaded and warm; on shutdown, refuse new work but finish what was admitted.
 
     One model thread serves every task: batches of different tasks take turns instead of fighting over the
-    cores, which is what the throughput estimate assumes.
+    cores, which is what the throughput estimate assumes. Loading and warm-up run in a thread of their own
+    before it starts.
     """
     state, settings, metrics = app.state, app.state.settings, app.state.metrics
     throughput = state.admission.throughput
@@ -79,11 +81,12 @@ async def serving(app: FastAPI) -> AsyncIterator[None]:
     metrics.model_info.labels(label).set(1)
     metrics.unavailable.set(len(state.model.unavailable))
     state.batchers = {}
+    worker = Worker("pod-model-batches")
     for task, method in (("sequential", "sequential"), ("topn", "topn"), ("explanation", "explain")):
         batcher = Batcher(
             task,
             run_batch(method, task),
-            executor,
+            worker,
             settings.max_batch_size,
             settings.max_wait_ms,
             settings.max_queue,
@@ -102,6 +105,7 @@ async def serving(app: FastAPI) -> AsyncIterator[None]:
     yield
     state.ready = False
     await asyncio.gather(*(b.close() for b in state.batchers.values()))  # finish what was admitted
+    await loop.run_in_executor(executor, worker.stop)
     executor.shutdown(wait=True)
     log.info("stopped")
 
@@ -127,12 +131,13 @@ def create_app(settings: ServeSettings, span_exporter: Any = None) -> FastAPI:
     app.state.settings = settings
     app.state.api_token = token
     app.state.metrics = Metrics()
-    app.state.admission = Admission(settings.request_timeout_s, Throughput())
+    app.state.admission = Admission(settings.request_timeout_s, Throughput(), settings.max_in_flight)
     app.state.ready = False
     app.state.span_exporter = span_exporter
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.middleware("http")(request_context)  # outermost: sees every answer, the 413s of BodyLimit included
+    app.middleware("http")(request_context)  # sees every answer but early 429s, the 413s of BodyLimit included
+    app.add_middleware(Shed)  # outermost: refuses before anything reads the body or builds a request
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)

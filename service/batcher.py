@@ -3,17 +3,26 @@
 
 Back-pressure: the queue is bounded and `submit` raises `QueueFull` at once when it is full. A job whose
 future was cancelled (its client went away, or its deadline passed) before its batch started is dropped
-and never reaches the model. Batches run in a worker thread so the event loop keeps accepting requests.
+and never reaches the model.
+
+Batches run in a model thread (`Worker`), which one or several batchers share: batches of different tasks
+then take turns (the oldest waiting job first) instead of fighting over the cores. The worker takes its next
+batch itself, as soon as the previous one ends, and hands the results to the event loop; it never waits for
+the event loop in between. (It did when the event loop formed the batches: under a flood of requests the
+loop is busy, and the model thread sat idle 90% of the time with a full queue; RELIABILITY.md.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("pod.service")
 
 
 class QueueFull(Exception):
@@ -28,12 +37,65 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class Worker:
+    """The model thread: runs the batches of its batchers one at a time, oldest waiting job first."""
+
+    def __init__(self, name: str = "pod-model-batches") -> None:
+        self.name = name
+        self.cond = threading.Condition()  # guards every batcher's queue; notified on each submit
+        self.batchers: list[Batcher] = []
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        """Stop once the batch running now has ended (close the batchers first to finish their jobs)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _next(self) -> tuple[Batcher, list[Job]] | None:
+        """The next batch to run, waiting for one; None when stopping."""
+        with self.cond:
+            while not self.stopping:
+                now = time.perf_counter()
+                ready: list[tuple[float, Batcher]] = []
+                sleep: float | None = None
+                for b in self.batchers:
+                    oldest = b._oldest()
+                    if oldest is None:
+                        continue
+                    left = b._left_s(oldest, now)
+                    if left <= 0:
+                        ready.append((oldest.enqueued, b))
+                    else:
+                        sleep = left if sleep is None else min(sleep, left)
+                if ready:
+                    batcher = min(ready, key=lambda r: r[0])[1]
+                    return batcher, batcher._take()
+                self.cond.wait(sleep)
+        return None
+
+    def _run(self) -> None:
+        while (picked := self._next()) is not None:
+            try:
+                picked[0]._run(picked[1])
+            except Exception:  # e.g. the event loop closed: the thread every request waits on must go on
+                log.exception("batch hand-over failed", extra={"fields": {"task": picked[0].name}})
+
+
 class Batcher:
     def __init__(
         self,
         name: str,
         run_batch: Callable[[Sequence[Any]], Sequence[Any]],
-        executor: Executor,
+        worker: Worker | None = None,
         max_batch_size: int = 16,
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
@@ -41,97 +103,126 @@ class Batcher:
         on_depth: Callable[[str, int], None] | None = None,
         on_formed: Callable[[str, list[Any]], None] | None = None,
     ) -> None:
+        """`worker`: the model thread to share (None: one of its own, started and stopped with the batcher).
+        The callbacks run in the model thread: `on_batch(name, jobs, model seconds, each job's wait)` after a
+        batch, `on_depth(name, queued)`, `on_formed(name, payloads)` when a batch closes."""
         self.name = name
         self.run_batch = run_batch
-        self.executor = executor
+        self.own_worker = worker is None
+        self.worker = worker or Worker(f"{name}-batches")
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.on_batch = on_batch or (lambda *a: None)
         self.on_depth = on_depth or (lambda *a: None)
-        self.on_formed = on_formed  # (name, payloads) when a batch closes, before it waits for the executor
-        self.pending: list[Job] = []
-        self.wakeup = asyncio.Event()
-        self.task: asyncio.Task | None = None
-        self.running = 0  # jobs inside a batch that has started
+        self.on_formed = on_formed
+        self.pending: list[Job] = []  # changed under `worker.cond` only
+        self.running = 0  # jobs in the batch the model thread is running (written by that thread only)
+        self.taken = 0  # jobs taken by the model thread whose results the event loop has not received
         self.closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+        self.loop = asyncio.get_running_loop()
+        with self.worker.cond:
+            self.worker.batchers.append(self)
+        self.worker.start()
 
     def submit(self, payload: Any, bucket: Hashable = 0) -> asyncio.Future:
         """Queue a job; its future resolves to the job's result. Raises QueueFull when the queue is full."""
-        self.pending = [j for j in self.pending if not j.future.done()]
-        if self.closed:
-            raise QueueFull("shutting down")
-        if len(self.pending) >= self.max_queue:
-            raise QueueFull(f"{self.name} queue is full ({self.max_queue} waiting)")
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append(Job(payload, bucket, future))
-        self.on_depth(self.name, len(self.pending))
-        self.wakeup.set()
+        with self.worker.cond:
+            self.pending = [j for j in self.pending if not j.future.done()]
+            if self.closed:
+                raise QueueFull("shutting down")
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull(f"{self.name} queue is full ({self.max_queue} waiting)")
+            future = asyncio.get_running_loop().create_future()
+            self.pending.append(Job(payload, bucket, future))
+            depth = len(self.pending)
+            self.worker.cond.notify()
+        self.on_depth(self.name, depth)
         return future
 
     @property
     def depth(self) -> int:
         return sum(not j.future.done() for j in self.pending)
 
+    # In the model thread, under `worker.cond` ------------------------------------------------------------------
+
+    def _oldest(self) -> Job | None:
+        self.pending = [j for j in self.pending if not j.future.done()]
+        return self.pending[0] if self.pending else None
+
+    def _left_s(self, oldest: Job, now: float) -> float:
+        """Seconds until a batch may close: 0 when the oldest job's bucket fills a batch, when it has waited
+        `max_wait`, or when the batcher is closing (finish what was admitted)."""
+        if self.closed or sum(j.bucket == oldest.bucket for j in self.pending) >= self.max_batch_size:
+            return 0.0
+        return self.max_wait - (now - oldest.enqueued)
+
     def _take(self) -> list[Job]:
         """The oldest live job's bucket, up to max_batch_size jobs of it, oldest first."""
-        self.pending = [j for j in self.pending if not j.future.done()]
-        if not self.pending:
-            return []
         bucket = self.pending[0].bucket
         batch = [j for j in self.pending if j.bucket == bucket][: self.max_batch_size]
         taken = {id(j) for j in batch}
         self.pending = [j for j in self.pending if id(j) not in taken]
-        self.on_depth(self.name, len(self.pending))
+        self.running = len(batch)
+        self.taken += len(batch)
         return batch
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.pending:
-                if self.closed:
-                    return
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            oldest = self.pending[0].enqueued
-            full = sum(j.bucket == self.pending[0].bucket for j in self.pending) >= self.max_batch_size
-            wait = self.max_wait - (time.perf_counter() - oldest)
-            if not full and wait > 0 and not self.closed:
-                self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), timeout=wait)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            batch = self._take()
-            if not batch:
-                continue
-            if self.on_formed is not None:
-                self.on_formed(self.name, [j.payload for j in batch])
-            started = time.perf_counter()
-            waits = [started - j.enqueued for j in batch]
-            self.running = len(batch)
+    # In the model thread ---------------------------------------------------------------------------------------
+
+    def _run(self, batch: list[Job]) -> None:
+        """Run a batch and hand its results to the event loop. A job cancelled since the batch closed is left
+        out; a model error goes to every job of the batch; a failing callback is logged, nothing more."""
+        self._hook(self.on_depth, self.name, len(self.pending))
+        if self.on_formed is not None:
+            self._hook(self.on_formed, self.name, [j.payload for j in batch])
+        live = [j for j in batch if not j.future.done()]
+        self.running = len(live)
+        results: Sequence[Any] = []
+        error: Exception | None = None
+        started = time.perf_counter()
+        if live:
             try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [j.payload for j in batch])
+                results = self.run_batch([j.payload for j in live])
             except Exception as exc:  # the model failed: every job of the batch gets the error
-                for j in batch:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-            else:
-                for j, r in zip(batch, results):
-                    if not j.future.done():
-                        j.future.set_result(r)
-            finally:
-                self.running = 0
-            self.on_batch(self.name, len(batch), time.perf_counter() - started, waits)
+                error = exc
+        seconds = time.perf_counter() - started
+        self.running = 0
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._deliver, live, results, error, len(batch))
+        if live:
+            self._hook(self.on_batch, self.name, len(live), seconds, [started - j.enqueued for j in live])
+
+    def _hook(self, hook: Callable[..., None], *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("batcher callback failed", extra={"fields": {"task": self.name}})
+
+    # In the event loop -----------------------------------------------------------------------------------------
+
+    def _deliver(self, jobs: list[Job], results: Sequence[Any], error: Exception | None, taken: int) -> None:
+        for i, j in enumerate(jobs):
+            if not j.future.done():
+                if error is not None:
+                    j.future.set_exception(error)
+                else:
+                    j.future.set_result(results[i])
+        with self.worker.cond:
+            self.taken -= taken
 
     async def close(self) -> None:
-        """Finish every queued and running job, then stop."""
-        self.closed = True
-        self.wakeup.set()
-        if self.task is not None:
-            await self.task
+        """Finish every queued and running job, then stop (the worker too, when it is the batcher's own)."""
+        with self.worker.cond:
+            self.closed = True
+            self.worker.cond.notify_all()
+        if self.loop is not None:
+            while True:
+                with self.worker.cond:
+                    if not self.taken and not self._oldest():
+                        break
+                await asyncio.sleep(0.01)
+        if self.own_worker:
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)

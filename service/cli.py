@@ -13,6 +13,7 @@ SERVE_DEFAULTS: dict[str, object] = {
     "max_batch_size": 16,
     "max_wait_ms": 5.0,
     "max_queue": 256,
+    "max_in_flight": 0,
     "request_timeout_s": 10.0,
     "threads": 0,
     "normalizer": "exact",
@@ -124,6 +125,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sv.add_argument(
         "--max-queue", type=int, dest="max_queue", help=f"queued jobs per task; past it, 429 {d('max_queue')}"
+    )
+    sv.add_argument(
+        "--max-in-flight",
+        type=int,
+        dest="max_in_flight",
+        help="requests per task past the door and not yet answered; past it, 429 before the body is read "
+        f"(0: no limit but the queue's) {d('max_in_flight')}",
     )
     sv.add_argument(
         "--request-timeout-s",

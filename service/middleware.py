@@ -1,5 +1,6 @@
-"""What every request goes through, whatever its endpoint: JSON logs, the body-size limit, the request id,
-the access log and metrics, and the one error shape (`{"detail": [{"loc", "msg", "input"}]}`).
+"""What every request goes through, whatever its endpoint: early shedding (429 before the body is read), JSON
+logs, the body-size limit, the request id, the access log and metrics, and the one error shape
+(`{"detail": [{"loc", "msg", "input"}]}`).
 
 Kept apart from the routes so that a handler only sees a request that is small enough, has an id, and
 whose failures, of any kind, reach the client in that shape and never as a 500 with a stack trace.
@@ -27,6 +28,7 @@ log = logging.getLogger("pod.service")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # echoed in a header and logged: nothing else is taken
 UNMETERED = ("/metrics", "/healthz", "/readyz")  # probes and scrapes would drown the latency histogram
+TASKS = {"/recommend/sequential": "sequential", "/recommend/topn": "topn", "/explain": "explanation"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -86,15 +88,86 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def request_id(given: str) -> str:
+    """The client's `X-Request-ID` when tame, else a new one."""
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def record(metrics: Any, method: str, path: str, status: int, elapsed: float, rid: str) -> None:
+    """Meter and log one answered request (the access log): every request is recorded here exactly once,
+    by `Shed` when it refused the request at the door, else by `request_context`."""
+    if path not in UNMETERED:
+        metrics.latency.labels(path, str(status)).observe(elapsed)
+    if status >= 400:
+        metrics.errors.labels(str(status)).inc()
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": rid,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "ms": round(1000 * elapsed, 2),
+                }
+            },
+        )
+
+
+class Shed:
+    """Early shedding, the outermost middleware (plain ASGI: no request object, no task, no body read): a
+    recommendation request whose task would be refused anyway (`Admission.enter`: a full queue, a foreseen
+    wait over half the deadline, `max_in_flight` requests of the task already in) is answered 429 with
+    `Retry-After` at once, before its body is read or parsed and before the token is checked. Under a flood,
+    refusing then costs tens of microseconds of the event loop instead of a parse and a validation, so the
+    model thread keeps the interpreter for the requests it can serve. A 429 says only that the server is
+    busy, so answering it before authentication reveals nothing. A request let through counts as in flight
+    for its task until its answer is sent.
+
+    Refused requests are metered and logged here (`record`), with an id (the client's when tame) in
+    `X-Request-ID`; they make no trace span. Before the service is ready, everything goes through (the 503
+    comes from the route's dependency)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        task = TASKS.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        state = scope["app"].state if task is not None else None
+        if state is None or not state.ready:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        admission = state.admission
+        refused = admission.enter(task, state.batchers[task])
+        if refused is None:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                admission.leave(task)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        rid = request_id(given)
+        body = json.dumps({"detail": [{"loc": [], "msg": str(refused), "input": None}]}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(refused.retry_after_s).encode()),
+            (b"x-request-id", rid.encode()),
+        ]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        record(state.metrics, scope["method"], scope["path"], 429, time.perf_counter() - started, rid)
+
+
 async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     """Give the request an id (the client's when tame), refuse a declared oversize body before reading it,
     then log and meter the answer. `request.state.arrived` is where the request deadline starts: under load,
     parsing and validation wait for the event loop, and that wait is part of what the client sees. With tracing
     on, the request is a server span (`request.state.span`; None when off) carrying its id."""
     settings, metrics = request.app.state.settings, request.app.state.metrics
-    rid = request.headers.get("x-request-id", "")
-    if not REQUEST_ID.fullmatch(rid):
-        rid = uuid.uuid4().hex
+    rid = request_id(request.headers.get("x-request-id", ""))
     request.state.request_id = rid
     started = request.state.arrived = time.perf_counter()
     with tracing.request_span(request, rid) as span:
@@ -108,25 +181,8 @@ async def request_context(request: Request, call_next: Callable[[Request], Await
             response = await call_next(request)
         if span is not None:
             tracing.finish_request(span, request, response.status_code)
-    elapsed = time.perf_counter() - started
     response.headers["X-Request-ID"] = rid
-    endpoint = request.url.path
-    if endpoint not in UNMETERED:
-        metrics.latency.labels(endpoint, str(response.status_code)).observe(elapsed)
-    if response.status_code >= 400:
-        metrics.errors.labels(str(response.status_code)).inc()
-    log.info(
-        "request",
-        extra={
-            "fields": {
-                "request_id": rid,
-                "method": request.method,
-                "path": endpoint,
-                "status": response.status_code,
-                "ms": round(1000 * elapsed, 2),
-            }
-        },
-    )
+    record(metrics, request.method, request.url.path, response.status_code, time.perf_counter() - started, rid)
     return response
 
 

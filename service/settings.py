@@ -24,6 +24,12 @@ class ServeSettings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0)
     max_queue: int = Field(256, ge=1, description="per task; a full queue answers 429")
+    max_in_flight: int = Field(
+        0,
+        ge=0,
+        description="per task: requests past the door and not yet answered; past it, 429 before the body is "
+        "read (0: no limit but the queue's)",
+    )
     request_timeout_s: float = Field(10.0, gt=0, description="per-request deadline; past it, 504")
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     max_history: int = Field(

@@ -1,22 +1,24 @@
-"""Admission decisions without a server: 429 at the door (full queue, foreseen wait over half the deadline),
-504 past the deadline, a client that leaves frees its slot; and the throughput estimate they rest on."""
+"""Admission decisions without a server: 429 at the door (full queue, foreseen wait over half the deadline,
+too many requests in flight), 504 past the deadline, a client that leaves frees its slot; the throughput
+estimate they rest on; and the batcher's model thread, which never waits for the event loop."""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 
 import pytest
 
 from service.admission import RETRY_AFTER_S, Admission, ClientGone, DeadlinePassed, Overloaded, Throughput
-from service.batcher import Batcher, QueueFull
+from service.batcher import Batcher, QueueFull, Worker
 
 
 class FakeQueue:
     """A queue with a given depth; records what was submitted."""
 
-    def __init__(self, depth: int = 0, running: int = 0, full: bool = False) -> None:
-        self.depth, self.running, self.full = depth, running, full
+    def __init__(self, depth: int = 0, running: int = 0, full: bool = False, max_queue: int = 256) -> None:
+        self.depth, self.running, self.full, self.max_queue = depth, running, full, max_queue
         self.submitted: list[tuple[object, int]] = []
 
     def submit(self, payload: object, bucket: int = 0) -> asyncio.Future:
@@ -116,6 +118,53 @@ def test_the_foreseen_wait_from_arrival_is_held_to_half_the_deadline(depth, runn
     run(go())
 
 
+# The door: before the body is read ------------------------------------------------------------------------------
+
+
+def test_the_door_refuses_a_full_queue_without_touching_it():
+    queue = FakeQueue(depth=4, max_queue=4)
+    refused = Admission(10.0).would_shed("sequential", queue)
+    assert isinstance(refused, Overloaded) and "sequential queue is full (4 waiting)" in str(refused)
+    assert refused.retry_after_s == RETRY_AFTER_S and not queue.submitted
+    assert Admission(10.0).would_shed("sequential", FakeQueue(depth=3, max_queue=4)) is None
+
+
+def test_the_door_and_the_queue_apply_the_same_wait_budget():
+    admission, queue = Admission(10.0, measured(10.0)), FakeQueue(depth=60)
+    refused = admission.would_shed("sequential", queue)
+    assert refused is not None and "over half the 10 s deadline" in str(refused)
+    assert admission.would_shed("sequential", FakeQueue(depth=40)) is None
+    assert admission.would_shed("sequential", FakeQueue(depth=40), elapsed=1.5) is not None
+
+
+def test_requests_past_the_door_count_as_in_flight_until_they_leave():
+    admission = Admission(10.0, max_in_flight=2)
+    queue = FakeQueue()
+    assert admission.enter("topn", queue) is None and admission.enter("topn", queue) is None
+    refused = admission.enter("topn", queue)
+    assert isinstance(refused, Overloaded) and "topn has 2 requests in flight" in str(refused)
+    assert admission.in_flight == {"topn": 2}  # a refused request is not counted
+    assert admission.enter("sequential", queue) is None  # the limit is per task
+    admission.leave("topn")
+    assert admission.enter("topn", queue) is None and admission.in_flight == {"topn": 2, "sequential": 1}
+
+
+def test_no_in_flight_limit_by_default():
+    admission = Admission(10.0)
+    assert all(admission.enter("topn", FakeQueue()) is None for _ in range(1000))
+
+
+def test_requests_in_flight_are_ahead_in_the_foreseen_wait():
+    """Requests past the door but not queued yet (being parsed) will be served first: the 51st request past the
+    door foresees 50 ahead of it at 10 jobs/s, 5 s (admitted); the 52nd 5.1 s, over half the deadline."""
+    admission, queue = Admission(10.0, measured(10.0)), FakeQueue()
+    for _ in range(51):
+        assert admission.enter("sequential", queue) is None
+    refused = admission.enter("sequential", queue)
+    assert refused is not None and "served in about 5.1 s, over half the 10 s deadline" in str(refused)
+    assert admission.in_flight["sequential"] == 51
+
+
 # Waiting for the answer -----------------------------------------------------------------------------------------
 
 
@@ -170,18 +219,115 @@ def test_with_a_real_batcher_a_refused_or_abandoned_job_never_reaches_the_model(
         return [j.upper() for j in jobs]
 
     async def go():
-        with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher("sequential", model, executor, max_batch_size=4, max_wait_ms=200, max_queue=2)
-            batcher.start()
-            admission = Admission(10.0)
-            left = admission.admit("sequential", batcher, "left", 0, 0.0)
-            stayed = admission.admit("sequential", batcher, "stayed", 0, 0.0)
-            with pytest.raises(Overloaded, match="queue is full"):
-                admission.admit("sequential", batcher, "refused", 0, 0.0)
-            with pytest.raises(ClientGone):
-                await admission.outcome(left, 0.0, asyncio.sleep(0))
-            assert await admission.outcome(stayed, 0.0, never()) == "STAYED"
-            await batcher.close()
+        batcher = Batcher("sequential", model, max_batch_size=4, max_wait_ms=200, max_queue=2)
+        batcher.start()
+        admission = Admission(10.0)
+        left = admission.admit("sequential", batcher, "left", 0, 0.0)
+        stayed = admission.admit("sequential", batcher, "stayed", 0, 0.0)
+        assert admission.would_shed("sequential", batcher) is not None  # what the door sees, before any parsing
+        with pytest.raises(Overloaded, match="queue is full"):
+            admission.admit("sequential", batcher, "refused", 0, 0.0)
+        with pytest.raises(ClientGone):
+            await admission.outcome(left, 0.0, asyncio.sleep(0))
+        assert await admission.outcome(stayed, 0.0, never()) == "STAYED"
+        await batcher.close()
 
     run(go())
     assert seen == ["stayed"]
+
+
+# The model thread ------------------------------------------------------------------------------------------------
+
+
+def test_the_model_thread_takes_its_next_batch_without_the_event_loop():
+    """Under a flood the event loop is busy; the model thread must go from one batch to the next anyway."""
+    starts: list[float] = []
+
+    def model(jobs):
+        starts.append(time.perf_counter())
+        time.sleep(0.05)
+        return jobs
+
+    async def go():
+        batcher = Batcher("sequential", model, max_batch_size=4, max_wait_ms=1000, max_queue=16)
+        batcher.start()
+        futures = [batcher.submit(i) for i in range(8)]  # two full batches
+        time.sleep(0.3)  # the event loop is blocked (parsing a flood of requests)
+        assert len(starts) == 2 and starts[1] - starts[0] < 0.1, starts
+        assert await asyncio.gather(*futures) == list(range(8))
+        await batcher.close()
+
+    run(go())
+
+
+def test_a_job_cancelled_while_its_batch_waits_never_reaches_the_model():
+    seen: list[list[int]] = []
+    release = threading.Event()
+
+    def model(jobs):
+        seen.append(list(jobs))
+        release.wait(5)
+        return jobs
+
+    async def go():
+        batcher = Batcher("sequential", model, max_batch_size=2, max_wait_ms=0, max_queue=16)
+        batcher.start()
+        first = [batcher.submit(i) for i in (1, 2)]
+        while not seen:
+            await asyncio.sleep(0.01)
+        second = [batcher.submit(i) for i in (3, 4)]
+        second[0].cancel()  # its client left while the first batch ran
+        release.set()
+        assert await asyncio.gather(*first, second[1]) == [1, 2, 4]
+        await batcher.close()
+
+    run(go())
+    assert seen == [[1, 2], [4]]
+
+
+def test_tasks_sharing_the_model_thread_take_turns_oldest_first():
+    order: list[str] = []
+
+    def model(name):
+        def run_batch(jobs):
+            order.append(name)
+            time.sleep(0.01)
+            return jobs
+
+        return run_batch
+
+    async def go():
+        worker = Worker()
+        batchers = {n: Batcher(n, model(n), worker, max_batch_size=1, max_wait_ms=0) for n in ("a", "b")}
+        for b in batchers.values():
+            b.start()
+        futures = []
+        for i in range(3):
+            futures += [batchers["a"].submit(i), batchers["b"].submit(i)]
+        await asyncio.gather(*futures)
+        await asyncio.gather(*(b.close() for b in batchers.values()))
+        worker.stop()
+
+    run(go())
+    assert order == ["a", "b"] * 3  # submitted alternately: served in the order of arrival, not task by task
+
+
+def test_close_finishes_every_admitted_job_and_a_model_error_reaches_each_job():
+    def model(jobs):
+        if "bad" in jobs:
+            raise ValueError("model failed")
+        return jobs
+
+    async def go():
+        batcher = Batcher("sequential", model, max_batch_size=2, max_wait_ms=50, max_queue=16)
+        batcher.start()
+        good = [batcher.submit(i) for i in ("a", "b", "c")]
+        bad = [batcher.submit("bad", bucket=1), batcher.submit("x", bucket=1)]
+        await batcher.close()  # returns once every queued job is answered
+        assert all(f.done() for f in good + bad)
+        assert [f.result() for f in good] == ["a", "b", "c"]
+        assert all(isinstance(f.exception(), ValueError) for f in bad)
+        with pytest.raises(QueueFull, match="shutting down"):
+            batcher.submit("late")
+
+    run(go())
