@@ -267,13 +267,14 @@ class Recommender:
         exact = self.config.normalizer == "exact"
         start = np.full(len(texts), PAD_ID, dtype=np.int64)
         k = max(ks, default=0)
+        on_device = hasattr(session, "top_columns")  # the step and the top-k, fused on the device
         with span("search", task=task, mode="one_step", rows=len(texts), k=k):
-            if hasattr(session, "top_columns"):  # the step and the top-k, fused on the device
-                with span("decoder.step", step=0, rows=len(texts)):
+            with span("decoder.step", step=0, rows=len(texts)):
+                if on_device:
                     idx, scores = session.top_columns(start, cat.item_columns, sets, keep, k, exact)
-            else:
-                with span("decoder.step", step=0, rows=len(texts)):
+                else:
                     logits, lse = step_logits(session, start, None, cat.item_columns, exact)
+            if not on_device:
                 idx, scores = top_columns(logits.astype(np.float32, copy=False), lse, sets, keep, k)
         out = []
         for row, k_row in enumerate(ks):

@@ -110,14 +110,12 @@ class Tokenizer:
         of a GPU evaluation's time. Texts the word split might read differently (non-ASCII, tabs, newlines)
         take the whole-text path, `encode_input_whole`, which the cache is tested against.
         """
-        if not text.isascii() or not _PLAIN.fullmatch(text):
+        if not _PLAIN.fullmatch(text):
             return self.encode_input_whole(text)
         ids: list[int] = []
         ww: list[int] = []
         slot, cap = 0, self.whole_word_size - 1
-        for word in text.split(" "):
-            if not word:
-                continue
+        for word in text.split(" "):  # _PLAIN: no empty words
             hit = self._words.get(word)
             if hit is None:
                 if len(self._words) >= _WORD_CACHE:

@@ -41,19 +41,27 @@ class TorchSession(ProjectedSession):
             )
         return hidden
 
+    def _logits(
+        self, hidden: torch.Tensor, columns: np.ndarray | None, normalizer: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """On the device: float32 logits of `columns` (all when None) and, when asked, the whole vocabulary's
+        log-normalizer (only then is the full projection computed)."""
+        weight = self.rt.model.t5.lm_head.weight
+        if columns is not None and not normalizer:
+            cols = torch.as_tensor(columns, device=hidden.device)
+            return (hidden.to(weight.dtype) @ weight.index_select(0, cols).t()).float(), None
+        full = (hidden.to(weight.dtype) @ weight.t()).float()
+        lse = torch.logsumexp(full, dim=-1) if normalizer else None
+        if columns is not None:
+            full = full.index_select(1, torch.as_tensor(columns, device=full.device))
+        return full, lse
+
     @torch.inference_mode()
     def project(
         self, hidden: torch.Tensor, columns: np.ndarray | None, normalizer: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        weight = self.rt.model.t5.lm_head.weight
-        if columns is not None and not normalizer:
-            cols = torch.as_tensor(columns, device=hidden.device)
-            return (hidden.to(weight.dtype) @ weight.index_select(0, cols).t()).float().cpu().numpy(), None
-        full = (hidden.to(weight.dtype) @ weight.t()).float()
-        lse = torch.logsumexp(full, dim=-1).cpu().numpy() if normalizer else None
-        if columns is not None:
-            full = full.index_select(1, torch.as_tensor(columns, device=full.device))
-        return full.cpu().numpy(), lse
+        logits, lse = self._logits(hidden, columns, normalizer)
+        return logits.cpu().numpy(), (lse.cpu().numpy() if lse is not None else None)
 
     @torch.inference_mode()
     def top_columns(
@@ -62,14 +70,8 @@ class TorchSession(ProjectedSession):
         """`pod.decoding.top_columns` on the model's device, fed by one decoder step: the masking, the
         normalization and the top-k never leave it, and one `(rows, k)` pair of arrays comes back."""
         hidden = self.advance(tokens, None)
-        weight = self.rt.model.t5.lm_head.weight
         dev = hidden.device
-        cols = torch.as_tensor(columns, device=dev)
-        if exact:  # the whole vocabulary's normalizer
-            full = (hidden.to(weight.dtype) @ weight.t()).float()
-            logits, norm = full.index_select(1, cols), torch.logsumexp(full, dim=-1)
-        else:
-            logits = (hidden.to(weight.dtype) @ weight.index_select(0, cols).t()).float()
+        logits, norm = self._logits(hidden, columns, exact)
         rows, n = logits.shape
         lens = [len(s) for s in sets]
         where_rows = torch.repeat_interleave(torch.arange(rows, device=dev), torch.as_tensor(lens, device=dev))

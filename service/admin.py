@@ -28,7 +28,7 @@ from pod.atomic import write_text_atomically
 from service.dependencies import authorized
 from service.loading import load_recommender
 from service.models import Served, smoke_test
-from service.routes import ERRORS, UNAUTHORIZED, bad
+from service.routes import ERRORS, UNAUTHORIZED, bad, items_of
 from service.schemas import AvailabilityRequest, AvailabilityResponse, ModelSwapRequest, ModelSwapResponse
 
 log = logging.getLogger("pod.service")
@@ -73,12 +73,10 @@ async def availability(request: Request) -> AvailabilityResponse:
 async def set_availability(body: AvailabilityRequest, request: Request) -> AvailabilityResponse:
     state = request.app.state
     catalog = state.model.recommender.catalog
-    raw: dict[str, set[str]] = {}
-    for name in ("unavailable", "available"):
-        items, unknown = catalog.resolve_items(getattr(body, name))
-        if unknown:
-            raise bad(name, f"unknown item IDs: {unknown[:20]}" + (" ..." if len(unknown) > 20 else ""), unknown[:20])
-        raw[name] = {catalog.id2item[i] for i in items}
+    raw = {
+        name: {catalog.id2item[i] for i in items_of(catalog, name, getattr(body, name))}
+        for name in ("unavailable", "available")
+    }
     if both := raw["unavailable"] & raw["available"]:
         raise bad("available", f"items both unavailable and available: {sorted(both)[:20]}", sorted(both)[:20])
     marked = (state.unavailable_raw | raw["unavailable"]) - raw["available"]
