@@ -126,6 +126,8 @@ PYEOF
         --batch-size 512 --hf-batch-size 128 --device "$DEVICE" --out "$WORK/throughput.json"
     timed batch1 45 $PY benchmarks/eval_throughput.py --checkpoint "$BEST" --data "$DATA" --users "$B1_USERS" \
         --batch-size 1 --hf-batch-size 1 --device "$DEVICE" --out "$WORK/batch1.json"
+    timed latency_sequential 45 $PY benchmarks/runtime_latency.py --device "$DEVICE" --shapes "$SHAPES" \
+        --task sequential --item-ids token --requests 30 --warmup 5 --rounds 1 --out "$WORK/latency_sequential.json"
     timed latency_explanation 45 $PY benchmarks/runtime_latency.py --device "$DEVICE" --shapes "$SHAPES" \
         --task explanation --requests 20 --warmup 3 --rounds 1 --out "$WORK/latency_explanation.json"
 fi
@@ -147,7 +149,7 @@ for entry in sorted(work.glob("g*.entry")):
     row["train_log_tail"] = log.read_text().splitlines()[-40:] if log.is_file() else []
     row["log_tail"] = (work / f"{name}.log").read_text()[-2500:] if (work / f"{name}.log").is_file() else ""
     summary["grid"][name] = row
-for name in ("speed_train", "eval_sequential", "eval_topn", "throughput", "batch1", "latency_explanation"):
+for name in ("speed_train", "eval_sequential", "eval_topn", "throughput", "batch1", "latency_sequential", "latency_explanation"):
     f = work / f"{name}.json"
     summary[name] = json.loads(f.read_text()) if f.is_file() else None
     lf = work / f"{name}.log"
