@@ -2,9 +2,10 @@
 
 The meta-device tests (`test_devices.py`) catch device mix-ups on a CPU-only machine; this file is the proof
 that the real thing runs: `benchmarks/gpu_session.sh` runs it on the lent GPU machine. Every item-id mode
-trains a few steps on CUDA (bf16 autocast, as `pod train` does there), and the same weights then rank the same
-users through the PyTorch runtime on the CPU (fp32, the reference) and on CUDA, fp32 and bf16. fp32 lists must
-agree up to float ties; bf16 rounds scores to ~3 significant digits, so only its top item is compared.
+trains a few steps on CUDA (fp32, as `pod train` does by default; the digits run in the opt-in bf16 autocast),
+and the same weights then rank the same users through the PyTorch runtime on the CPU (fp32, the reference) and
+on CUDA, fp32 and bf16. fp32 lists must agree up to float ties; bf16 rounds scores to ~3 significant digits, so
+only its top item is compared.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def cuda_run(request, tmp_path_factory):
         lr=1e-3,
         val_limit=20,
         device=DEVICE,
+        precision="bf16" if request.param == "digits" else "auto",
         progress=False,
     )
     train(cfg)

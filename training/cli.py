@@ -266,7 +266,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     tr.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
-        help=f"auto: bf16 autocast on CUDA, fp32 on CPU {d('precision')}",
+        help=f"auto: fp32 on every device (bf16 autocast diverged on CUDA with random-init models) {d('precision')}",
     )
     tr.add_argument(
         "--item-ids",
