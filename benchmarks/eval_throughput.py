@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.hf_baseline import allowed_tokens, item_list, new_tokens  # noqa: E402
 from pod.dataset import PreparedData  # noqa: E402
 from pod.model import build_model, load_checkpoint  # noqa: E402
 from pod.recommender import Catalog, DecodingConfig, Recommender, SequentialJob, by_length, sample_users  # noqa: E402
-from pod.tokenization import EOS_ID  # noqa: E402
 from pod.torch_runtime import TorchRuntime, encode_batch  # noqa: E402
 from training.data.synth import write_synthetic  # noqa: E402
 from training.evaluate import run_batched  # noqa: E402
@@ -86,15 +86,6 @@ def run_hf(rec: Recommender, jobs: list[SequentialJob], batch_size: int) -> list
     model, tok, dev = runtime.model, runtime.tokenizer, runtime.device
     lists: list = [None] * len(jobs)
     for batch, chunk, cons in hf_batches(rec, jobs, batch_size):
-
-        def allowed(batch_id: int, prefix: torch.Tensor, cons=cons) -> list[int]:
-            node = 0
-            for t in prefix.tolist()[1:]:
-                node = trie.children[node].get(t, -1)
-                if node < 0:
-                    return [EOS_ID]
-            return [t for t, _ in cons[batch_id].allowed(node)] or [EOS_ID]
-
         enc = {k: v.to(dev) for k, v in encode_batch(tok, chunk).items()}
         task = torch.full((len(chunk),), model.config.task_index("sequential"), device=dev)
         with runtime.autocast():
@@ -104,24 +95,14 @@ def run_hf(rec: Recommender, jobs: list[SequentialJob], batch_size: int) -> list
                 attention_mask=mask,
                 num_beams=beams,
                 num_return_sequences=beams,
-                max_new_tokens=16,
+                max_new_tokens=new_tokens(rec.catalog.longest_item),
                 length_penalty=0.0,
-                prefix_allowed_tokens_fn=allowed,
+                prefix_allowed_tokens_fn=allowed_tokens(trie, cons.__getitem__),
                 do_sample=False,
             )
         seqs = out.view(len(chunk), beams, -1).tolist()
         for n, row in zip(batch, seqs):
-            items = []
-            for seq in row:
-                node = 0
-                for t in seq[1:]:
-                    node = trie.children[node].get(t, -1)
-                    if node < 0 or t == EOS_ID:
-                        break
-                value = trie.value.get(node)
-                if value is not None and value not in items:
-                    items.append(value)
-            lists[n] = items[:TOP]
+            lists[n] = item_list(trie, row, TOP)
     return lists
 
 

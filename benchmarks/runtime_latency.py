@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.hf_baseline import MAX_NEW_TOKENS, allowed_tokens, item_list, new_tokens  # noqa: E402
 from export.export import export_bundle  # noqa: E402
 from pod.bundle import Bundle  # noqa: E402
 from pod.dataset import PreparedData  # noqa: E402
@@ -66,7 +67,6 @@ from training.data.synth import synthesize  # noqa: E402
 from training.train import TrainConfig, tokenizer_for  # noqa: E402
 
 TOP = 10
-MAX_NEW_TOKENS = 16
 EXPLANATION_TOKENS = 20  # explanations: every runtime decodes exactly this many tokens, so work is equal
 # REFERENCE anchor, measured on this machine type: HF constrained generate, t5-small shape, 2 CPU cores.
 ANCHOR = {"shape": "t5-small", "runtime": "HF generate", "hardware": "2-core CPU", "input_tokens": 90, "ms": 277.0}
@@ -234,22 +234,13 @@ def hf(runtime: TorchRuntime, rec: Recommender, task: str, beams: int, constrain
         t0 = time.perf_counter()
         text, con = job_input(rec, task, job)
         trie = con.trie if con is not None else None
-
-        def allowed(batch_id: int, prefix: torch.Tensor) -> list[int]:
-            node = 0
-            for t in prefix.tolist()[1:]:
-                node = trie.children[node].get(t, -1)
-                if node < 0:
-                    return [EOS_ID]
-            return [t for t, _ in con.allowed(node)] or [EOS_ID]
-
         if task == "explanation" or not constrained:
             length = EXPLANATION_TOKENS if task == "explanation" else item_tokens
             limits = {"max_new_tokens": length, "min_new_tokens": length, "length_penalty": 1.0}
             limits["num_return_sequences"] = 1 if task == "explanation" else beams
         else:
-            limits = {"max_new_tokens": MAX_NEW_TOKENS, "length_penalty": 0.0, "num_return_sequences": beams}
-            limits["prefix_allowed_tokens_fn"] = allowed
+            limits = {"max_new_tokens": new_tokens(item_tokens), "length_penalty": 0.0, "num_return_sequences": beams}
+            limits["prefix_allowed_tokens_fn"] = allowed_tokens(trie, lambda _: con)
 
         enc = {k: v.to(dev) for k, v in encode_batch(tok, [text]).items()}
         with runtime.autocast():
@@ -266,20 +257,11 @@ def hf(runtime: TorchRuntime, rec: Recommender, task: str, beams: int, constrain
             parts = {"encode": clock["enc_end"] - t0, "decode": clock["decode"], "steps": clock["steps"]}
             parts["search"] = total - parts["encode"] - parts["decode"]
             return tok.decode(out[0].tolist()[1:]), {"total": total, **parts}
-        items: list[int] = []
-        for seq in out.tolist():
-            node = 0
-            for t in seq[1:]:
-                node = trie.children[node].get(t, -1)
-                if node < 0 or t == EOS_ID:
-                    break
-            value = trie.value.get(node)
-            if value is not None and value not in items:
-                items.append(value)
+        items = item_list(trie, out.tolist(), TOP)
         total = time.perf_counter() - t0
         parts = {"encode": clock["enc_end"] - t0, "decode": clock["decode"], "steps": clock["steps"]}
         parts["search"] = total - parts["encode"] - parts["decode"]
-        return items[:TOP], {"total": total, **parts}
+        return items, {"total": total, **parts}
 
     return run
 
@@ -365,7 +347,7 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
     catalog = Catalog.from_prepared(data, tok)
     torch_rt = TorchRuntime(model, tok, args.device)
     rec = recommender(torch_rt, catalog, task, b)
-    runners = {"hf": hf(torch_rt, rec, task, b)}
+    runners = {"hf": hf(torch_rt, rec, task, b, item_tokens=catalog.longest_item)}
     if task != "explanation":
         runners["hf-plain"] = hf(torch_rt, rec, task, b, constrained=False, item_tokens=catalog.longest_item)
     runners["torch"] = ours(rec, task)
