@@ -125,6 +125,7 @@ class TimedRuntime:
     def __init__(self, runtime, min_tokens: int = 0) -> None:
         self.runtime, self.tokenizer, self.min_tokens = runtime, runtime.tokenizer, min_tokens
         self.topn_history, self.user_ids = runtime.topn_history, runtime.user_ids  # what the input holds
+        self.tasks = runtime.tasks
         self.reset()
 
     def reset(self) -> None:

@@ -50,5 +50,6 @@ def load_recommender(settings: ServeSettings) -> tuple[Recommender, str]:
         explanation_groups=settings.explanation_groups,
         diversity_penalty=settings.diversity_penalty,
         normalizer=settings.normalizer,
+        topn_prompt=settings.topn_prompt,
     )
     return Recommender(runtime, catalog, config), label

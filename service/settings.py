@@ -44,6 +44,12 @@ class ServeSettings(BaseSettings):
         description="item scores: exact log-probabilities (the paper's ranking), or renormalized over the tokens "
         "the ID trie allows (faster: forced tokens and the final end-of-ID step cost nothing)",
     )
+    topn_prompt: Literal["auto", "topn", "sequential"] = Field(
+        DecodingConfig.topn_prompt,
+        description="the prompt that ranks /recommend/topn candidates: the top-N task's (candidates in the input) "
+        "or the sequential task's (the history in, next-item log-probability at each candidate); auto: "
+        "sequential for one-token item IDs (measured far better), else top-N",
+    )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     availability_file: str | None = Field(
         None, description="JSON list of unavailable item IDs kept across restarts (POST /admin/availability writes it)"

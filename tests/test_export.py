@@ -199,6 +199,7 @@ class _Perturbed:
     def __init__(self, runtime, column: int, by: float) -> None:
         self.runtime, self.column, self.by = runtime, column, by
         self.tokenizer, self.topn_history, self.user_ids = runtime.tokenizer, runtime.topn_history, runtime.user_ids
+        self.tasks = runtime.tasks
 
     def start(self, task, texts):
         session = self.runtime.start(task, texts)

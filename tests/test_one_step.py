@@ -46,6 +46,7 @@ class NoDeviceRanking:
 
     def __init__(self, rt: TorchRuntime) -> None:
         self.rt, self.tokenizer, self.topn_history, self.user_ids = rt, rt.tokenizer, rt.topn_history, rt.user_ids
+        self.tasks = rt.tasks
 
     def start(self, task, texts):
         session = self.rt.start(task, texts)
@@ -81,3 +82,35 @@ def test_recommender_gives_the_same_lists_with_or_without_device_ranking(token_r
         assert np.allclose([s for _, s in a.items], [s for _, s in b.items], atol=1e-5)
     history = set(seq[0].history)
     assert not history & {i for i, _ in device.sequential(seq[:1])[0].items}
+
+
+def test_topn_reads_the_sequential_prompt_at_the_candidates(token_runtime):
+    """Token ids rank top-N candidates under the sequential prompt by default: each candidate's score is the
+    next-item log-probability given the user's history, the same number the sequential ranking gives it."""
+    from pod.recommender import DecodingConfig
+
+    rt, data = token_runtime
+    catalog = Catalog.from_prepared(data, rt.tokenizer)
+    rec = Recommender(rt, catalog)
+    assert rec.topn_task == "sequential"
+    assert Recommender(rt, catalog, DecodingConfig(topn_prompt="topn")).topn_task == "topn"
+    users = data.users[:8]
+    jobs = [TopNJob(u, data.candidates(u, "test")[0], 10, "score", data.history_before(u, "test")) for u in users]
+    texts = [rec.text("sequential", j.user, j.history) for j in jobs]
+    start = np.full(len(jobs), PAD_ID, dtype=np.int64)
+    logits, lse = rt.start("sequential", texts).step_columns(start, None, catalog.item_columns, True)
+    logp = logits - lse[:, None]
+    for row, (job, ranked) in enumerate(zip(jobs, rec.topn(jobs))):
+        expected = sorted(job.candidates, key=lambda i: -logp[row, catalog.column_of[i]])[:10]
+        assert [i for i, _ in ranked.items] == expected
+        assert np.allclose([s for _, s in ranked.items], [logp[row, catalog.column_of[i]] for i in expected], atol=1e-5)
+    # the top-N prompt reads the candidates instead: other inputs, other scores
+    other = Recommender(rt, catalog, DecodingConfig(topn_prompt="topn")).topn(jobs)
+    assert any([s for _, s in a.items] != [s for _, s in b.items] for a, b in zip(other, rec.topn(jobs)))
+
+
+def test_topn_prompt_must_be_known():
+    from pod.recommender import DecodingConfig
+
+    with pytest.raises(ValueError, match="topn_prompt"):
+        DecodingConfig(topn_prompt="candidates")

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pod.recommender import DecodingConfig  # numpy and sentencepiece only: the defaults' one home
+from pod.recommender import TOPN_PROMPTS, DecodingConfig  # numpy and sentencepiece only: the defaults' one home
 
 TRAIN_DEFAULTS: dict[str, object] = {
     "preset": "tiny",
@@ -112,7 +112,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         inference_prompt=args.inference_prompt,
         device=args.device,
         progress=not args.no_progress,
-        config=DecodingConfig(beams=args.beams, diversity_penalty=args.diversity_penalty),
+        config=DecodingConfig(beams=args.beams, diversity_penalty=args.diversity_penalty, topn_prompt=args.topn_prompt),
     )
     print(markdown(report))
     if args.out:
@@ -351,6 +351,14 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=DecodingConfig.diversity_penalty,
         help="group beam search diversity for explanations (reference code: 0)",
+    )
+    ev.add_argument(
+        "--topn-prompt",
+        default=DecodingConfig.topn_prompt,
+        choices=list(TOPN_PROMPTS),
+        help="the prompt that ranks top-N candidates: the top-N task's (candidates in the input, the paper's) or "
+        "the sequential task's (history in, next-item log-probability at each candidate); auto: sequential for "
+        "one-token item IDs, else top-N (default: auto)",
     )
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     ev.add_argument("--out", help="write JSON here and Markdown next to it")

@@ -156,6 +156,7 @@ def evaluate(
                 "top10_overlap": float(np.mean([len(set(a) & set(b)) / TOP for a, b in zip(beam_lists, score_lists)])),
             }
         res.update(seconds=seconds, users_per_s=len(users) / seconds)
+        res["prompt"] = rec.topn_task
         report["results"]["topn"] = res
     if "explanation" in tasks:
         records = data.explanations[split]
@@ -229,6 +230,8 @@ def markdown(report: dict) -> str:
                 f"\nbeam search vs exact scoring: top-1 differs for {100 * d['top1_disagree']:.1f}% of "
                 f"users, top-10 overlap {100 * d['top10_overlap']:.1f}%"
             )
+        if "prompt" in res:
+            lines.append(f"\ncandidates ranked under the {res['prompt']} prompt")
         if "users_per_s" in res:
             lines.append(f"\ndecoding: {res['seconds']:.1f} s, {res['users_per_s']:.1f} users/s")
         lines.append("")
