@@ -252,7 +252,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--item-index", choices=["keep", "sequential", "random"], help="default: keep (music: random)")
     ap.add_argument("--data", type=Path, help="an already prepared directory (skips preparation)")
     ap.add_argument("--preset", default="t5-small", choices=["tiny", "small", "t5-small"])
-    ap.add_argument("--tasks", help="comma-separated subset of explanation,sequential,topn (default: all the data has)")
+    ap.add_argument(
+        "--tasks",
+        help="comma-separated subset of explanation,sequential,topn to train and evaluate (default: pod train's "
+        "tasks; every task the data has is evaluated)",
+    )
     ap.add_argument("--train-minutes", type=float, default=6.0, help="training time box")
     ap.add_argument("--epochs", type=int, default=100, help="upper bound; the time box or early stopping ends first")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -322,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     data = PreparedData.load(data_dir)
     if args.data:
         report["item_index"] = item_index = data.manifest.get("item_index", item_index)
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else data.tasks
+    train_tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None  # None: pod train's default
+    tasks = train_tasks or data.tasks  # evaluated: every task the data has (top-N too, under the sequential prompt)
     write(report, out)
 
     checkpoint = args.checkpoint
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             data=str(data_dir),
             out=str(out / "run"),
             preset=args.preset,
-            tasks=tasks,
+            tasks=train_tasks,
             epochs=args.epochs,
             max_minutes=args.train_minutes,
             batch_size=args.batch_size,

@@ -210,6 +210,11 @@ class Recommender:
         self.catalog = catalog
         self.config = config or DecodingConfig()
         self.template = template  # BARE in serving; WORDY for the paper's continuous+discrete ablation
+        asked = self.config.topn_prompt
+        if asked != "auto" and asked not in runtime.tasks:
+            raise ValueError(
+                f"topn_prompt {asked!r}: the model has no {asked} prompt (it was trained on {', '.join(runtime.tasks)})"
+            )
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -240,14 +245,17 @@ class Recommender:
 
     # Ranking ------------------------------------------------------------------------------------------------
 
-    def _start(self, task: str, texts: list[str]) -> DecoderSession:
+    def _start(self, task: str, texts: list[str], prompt: str | None = None) -> DecoderSession:
         """The runtime's encoder pass over a batch (tokenization included)."""
-        with span("encoder", task=task, rows=len(texts)):
-            return self.runtime.start(task, texts)
+        prompt = prompt or task  # top-N may be read under the sequential prompt (`topn_task`)
+        with span("encoder", task=task, prompt=prompt, rows=len(texts)):
+            return self.runtime.start(prompt, texts)
 
-    def _rank(self, task: str, texts: list[str], cons: list[Constraint], ks: list[int]) -> list[Ranked]:
+    def _rank(
+        self, task: str, texts: list[str], cons: list[Constraint], ks: list[int], prompt: str | None = None
+    ) -> list[Ranked]:
         """One constrained beam search over a batch: each job's best `k` items with their scores."""
-        session = self._start(task, texts)
+        session = self._start(task, texts, prompt)
         with span("search", task=task, mode="beam", rows=len(texts), beams=self.config.beams):
             hyps = beam_search(
                 session,
@@ -263,7 +271,9 @@ class Recommender:
             Ranked([(h.value, h.logprob) for h in row][:k], sum(len(h.tokens) for h in row)) for k, row in zip(ks, hyps)
         ]
 
-    def _one_step(self, task: str, texts: list[str], sets: list[np.ndarray], keep: bool, ks: list[int]) -> list[Ranked]:
+    def _one_step(
+        self, task: str, texts: list[str], sets: list[np.ndarray], keep: bool, ks: list[int], prompt: str | None = None
+    ) -> list[Ranked]:
         """Token item IDs: one decoder step, then an exact top-k over each row's allowed item columns (`sets`:
         the only columns allowed, or the excluded ones; see `pod.decoding.top_columns`).
 
@@ -272,7 +282,7 @@ class Recommender:
         rank on its device (`top_columns`) does, and only `rows x k` numbers come back to the host.
         """
         cat = self.catalog
-        session = self._start(task, texts)
+        session = self._start(task, texts, prompt)
         exact = self.config.normalizer == "exact"
         start = np.full(len(texts), PAD_ID, dtype=np.int64)
         k = max(ks, default=0)
@@ -322,20 +332,21 @@ class Recommender:
         has = self.runtime.tasks
         return "sequential" if "sequential" in has and (one_token or "topn" not in has) else "topn"
 
-    def _topn_text(self, task: str, job: TopNJob) -> str:
-        return self.text(task, job.user, job.history) if task == "sequential" else self.job_text("topn", job)
+    def _topn_text(self, prompt: str, job: TopNJob) -> str:
+        return self.text(prompt, job.user, job.history) if prompt == "sequential" else self.job_text("topn", job)
 
     def topn(self, jobs: Sequence[TopNJob]) -> list[Ranked]:
         out: list[Ranked | None] = [None] * len(jobs)
-        task = self.topn_task
+        prompt = self.topn_task
         if self.catalog.item_ids == "token":  # one step ranks every candidate exactly: both modes agree
-            texts = [self._topn_text(task, j) for j in jobs]
-            return self._one_step(task, texts, [self._columns(j.candidates) for j in jobs], True, [j.k for j in jobs])
+            texts = [self._topn_text(prompt, j) for j in jobs]
+            sets = [self._columns(j.candidates) for j in jobs]
+            return self._one_step("topn", texts, sets, True, [j.k for j in jobs], prompt)
         beam = [n for n, j in enumerate(jobs) if j.mode == "beam"]
         if beam:
-            texts = [self._topn_text(task, jobs[n]) for n in beam]
+            texts = [self._topn_text(prompt, jobs[n]) for n in beam]
             cons = [self.catalog.subtrie(jobs[n].candidates).restrict() for n in beam]
-            for n, ranked in zip(beam, self._rank(task, texts, cons, [jobs[n].k for n in beam])):
+            for n, ranked in zip(beam, self._rank("topn", texts, cons, [jobs[n].k for n in beam], prompt)):
                 out[n] = ranked
         by_size: dict[int, list[int]] = {}
         for n, job in enumerate(jobs):
@@ -347,16 +358,16 @@ class Recommender:
             per_session = max(1, SCORE_ROWS // len(jobs[group[0]].candidates))
             for start in range(0, len(group), per_session):
                 part = group[start : start + per_session]
-                for n, ranked in zip(part, self._score(task, [jobs[n] for n in part])):
+                for n, ranked in zip(part, self._score(prompt, [jobs[n] for n in part])):
                     out[n] = ranked
         return out  # type: ignore[return-value]
 
-    def _score(self, task: str, jobs: Sequence[TopNJob]) -> list[Ranked]:
+    def _score(self, prompt: str, jobs: Sequence[TopNJob]) -> list[Ranked]:
         """Exact: every candidate's full log-likelihood; a request's candidates are the rows of its one
         encoder pass (teacher forcing through the same decoder step the beam search uses)."""
         width = len(jobs[0].candidates)
         seqs = [self.catalog.item_tokens[i] for j in jobs for i in j.candidates]
-        session = self._start(task, [self._topn_text(task, j) for j in jobs])
+        session = self._start("topn", [self._topn_text(prompt, j) for j in jobs], prompt)
         rows = np.arange(len(seqs))
         total = np.zeros(len(seqs), dtype=np.float64)
         tokens = np.full(len(seqs), PAD_ID, dtype=np.int64)  # the decoder start token

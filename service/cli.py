@@ -17,6 +17,7 @@ SERVE_DEFAULTS: dict[str, object] = {
     "request_timeout_s": 10.0,
     "threads": 0,
     "normalizer": "exact",
+    "topn_prompt": "auto",
     "provider": "auto",
     "device": "auto",
     "log_level": "info",
@@ -69,6 +70,8 @@ def _serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(**overrides)
     setup_logging(settings.log_level)
     print("pod serve settings: " + json.dumps(settings.model_dump(mode="json")), flush=True)  # the token masked
+    if getattr(args, "ray", False):
+        return _serve_ray(args, settings)
     debug = getattr(args, "debug", False)
     failure: list[BaseException] = []
     app = _report_startup_failure(create_app(settings), failure, quiet=not debug)
@@ -91,6 +94,28 @@ def _serve(args: argparse.Namespace) -> None:
         server_log.removeFilter(said_below)
     if failure:
         raise failure[0]
+
+
+def _serve_ray(args: argparse.Namespace, settings) -> None:
+    """`pod serve --ray`: the same app in Ray Serve replicas behind Ray's HTTP proxy (service/ray_deployment.py)."""
+    from pod.cli import UsageError
+
+    if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
+        raise UsageError(
+            "--replicas (a fixed number) and --min-replicas/--max-replicas (autoscaling) exclude each other"
+        )
+    from service.ray_deployment import RayOptions, run  # Ray only now: the plain server never imports it
+
+    given = {
+        "address": args.ray_address,
+        "replicas": args.replicas,
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests,
+        "max_ongoing_requests": args.max_ongoing_requests,
+        "replica_cpus": args.replica_cpus,
+    }
+    run(settings, RayOptions(**{k: v for k, v in given.items() if v is not None}))
 
 
 class _DropStartupFailed:
@@ -145,6 +170,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["exact", "allowed"],
         help=f"item scores: exact log-probabilities, or renormalized over valid ID tokens (faster) {d('normalizer')}",
     )
+    sv.add_argument(
+        "--topn-prompt",
+        dest="topn_prompt",
+        choices=["auto", "topn", "sequential"],
+        help="the prompt that ranks /recommend/topn candidates: the top-N task's (candidates in the input) or the "
+        "sequential task's (history in, next-item log-probability at each candidate); auto: sequential for "
+        f"one-token item IDs, else top-N {d('topn_prompt')}",
+    )
     sv.add_argument("--provider", help=f"ONNX Runtime provider: auto, cpu, cuda {d('provider')}")
     sv.add_argument("--device", help=f"PyTorch device: auto, cpu, cuda {d('device')}")
     sv.add_argument("--log-level", dest="log_level", help=f"log level {d('log_level')}")
@@ -165,5 +198,37 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--api-token",
         dest="api_token",
         help="bearer token for the recommendation endpoints; prefer env POD_API_TOKEN (flags show in `ps`)",
+    )
+    ray = sv.add_argument_group(
+        "Ray Serve (pip install 'pod-rec[ray]')",
+        "--ray serves the same app from Ray Serve replicas behind Ray's HTTP proxy on --host/--port; each "
+        "replica loads the bundle (at the same path on every node) and runs its own batcher. See docs/DEPLOY.md.",
+    )
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve instead of one uvicorn process")
+    ray.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        help="an existing Ray cluster to deploy on (HOST:PORT, auto, ray://HOST:10001); default: start a local one",
+    )
+    ray.add_argument("--replicas", type=int, help="a fixed number of replicas (default: autoscale, below)")
+    ray.add_argument("--min-replicas", type=int, dest="min_replicas", help="autoscaling: fewest replicas (default: 1)")
+    ray.add_argument("--max-replicas", type=int, dest="max_replicas", help="autoscaling: most replicas (default: 2)")
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        dest="target_ongoing_requests",
+        help="autoscaling: requests in flight per replica to aim at (default: 16, one full batch)",
+    )
+    ray.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        dest="max_ongoing_requests",
+        help="requests in flight per replica; the proxy queues the rest (default: 64)",
+    )
+    ray.add_argument(
+        "--replica-cpus",
+        type=float,
+        dest="replica_cpus",
+        help="Ray CPUs per replica, also ONNX Runtime threads when --threads is 0 (default: 1)",
     )
     sv.set_defaults(func=_serve)

@@ -109,8 +109,42 @@ def test_topn_reads_the_sequential_prompt_at_the_candidates(token_runtime):
     assert any([s for _, s in a.items] != [s for _, s in b.items] for a, b in zip(other, rec.topn(jobs)))
 
 
-def test_topn_prompt_must_be_known():
+def test_topn_prompt_must_be_known_and_trained(token_runtime):
     from pod.recommender import DecodingConfig
 
     with pytest.raises(ValueError, match="topn_prompt"):
         DecodingConfig(topn_prompt="candidates")
+    rt, data = token_runtime
+    catalog = Catalog.from_prepared(data, rt.tokenizer)
+    no_topn = NoDeviceRanking(rt)
+    no_topn.tasks = ["sequential", "explanation"]  # a model trained without the top-N task
+    assert Recommender(no_topn, catalog).topn_task == "sequential"
+    with pytest.raises(ValueError, match="no topn prompt"):
+        Recommender(no_topn, catalog, DecodingConfig(topn_prompt="topn"))
+
+
+def test_topn_under_the_sequential_prompt_with_multi_token_ids(small_synth, tmp_path):
+    """Digits ids rank top-N by beam search or exact scoring; under the sequential prompt both read the history
+    through the sequential encoder and return only candidates."""
+    from pod.recommender import DecodingConfig
+    from training.train import TrainConfig, check_config, tokenizer_for
+
+    data = PreparedData.load(small_synth)
+    cfg = check_config(TrainConfig(data=str(small_synth), out="unused", item_ids="digits"), data)
+    tok = tokenizer_for(cfg, data, tmp_path)
+    torch.manual_seed(0)
+    rt = TorchRuntime(build_model(tok, "tiny"), tok)
+    prompts: list[str] = []
+    start = rt.start
+    rt.start = lambda task, texts: prompts.append(task) or start(task, texts)
+    rec = Recommender(rt, Catalog.from_prepared(data, tok), DecodingConfig(beams=8, topn_prompt="sequential"))
+    assert rec.topn_task == "sequential"
+    users = data.users[:4]
+    for mode in ("beam", "score"):
+        jobs = [TopNJob(u, data.candidates(u, "test")[0][:20], 5, mode, data.history_before(u, "test")) for u in users]
+        for job, ranked in zip(jobs, rec.topn(jobs)):
+            items = [i for i, _ in ranked.items]
+            assert items and set(items) <= set(job.candidates) and len(set(items)) == len(items)
+            scores = [s for _, s in ranked.items]
+            assert scores == sorted(scores, reverse=True)
+    assert prompts and set(prompts) == {"sequential"}

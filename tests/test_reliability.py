@@ -151,7 +151,9 @@ def test_only_safe_formats_are_loaded():
 
 
 def test_overload_is_shed_with_429_and_the_server_recovers(exported_bundle, tmp_path):
-    result = overload(exported_bundle, tmp_path, seconds=10, capacity_seconds=5)
+    # A few hundred fast-paced users and a per-task in-flight bound: thousands of Locust users on the server's own
+    # 2 cores (what a fast server, e.g. uvicorn on uvloop, calls for at 3x) starve it and the probe of CPU.
+    result = overload(exported_bundle, tmp_path, seconds=10, capacity_seconds=5, max_users=300, max_in_flight=16)
     checks = result["checks"]
     assert result["shed_429"] > 0 and result["server_alive"], result
     assert all(ok for name, ok in checks.items() if not name.startswith(("RSS", "under 1%", "latency after"))), checks

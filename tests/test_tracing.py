@@ -82,6 +82,8 @@ def test_spans_cover_a_request_from_http_to_each_decoder_step(exported_bundle):
         assert [s.name for s in inner] == ["encoder", "search"], [s.name for s in inner]
         encoder, search = inner
         assert encoder.attributes["task"] == TASKS[path] and encoder.attributes["rows"] == 1
+        # top-N candidates of one-token ids are read under the sequential prompt (DecodingConfig.topn_prompt)
+        assert encoder.attributes["prompt"] == ("sequential" if path == "/recommend/topn" else TASKS[path])
         assert search.attributes["task"] == TASKS[path] and search.attributes["mode"] in ("beam", "one_step")
         steps = children(spans, search)
         assert steps and {s.name for s in steps} == {"decoder.step"}

@@ -16,7 +16,6 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "preset": "tiny",
     "vocab_size": 800,
     "strategy": "alternated",
-    "tasks": ["explanation", "sequential", "topn"],
     "num_prompts": 3,
     "epochs": 10,
     "batch_size": 64,
@@ -208,7 +207,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         choices=["alternated", "mixed"],
         help=f"alternated: one task per batch; mixed: tasks mixed in a batch {d('strategy')}",
     )
-    tr.add_argument("--tasks", help=f"comma-separated subset of explanation,sequential,topn {d('tasks')}")
+    tr.add_argument(
+        "--tasks",
+        help="comma-separated subset of explanation,sequential,topn (default: sequential,explanation for token "
+        "ids, whose top-N candidates are ranked under the sequential prompt; all three otherwise)",
+    )
     tr.add_argument(
         "--num-prompts", type=int, dest="num_prompts", help=f"K continuous prompts per task {d('num_prompts')}"
     )
