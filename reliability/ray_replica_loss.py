@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from reliability.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -60,12 +61,6 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 """For the nodes and every driver of a loopback test cluster: Ray 2.60 turns token authentication on by itself
 once `~/.ray/auth_token` exists (a local `ray.init()` writes it), and a driver that does not agree with the nodes
 cannot connect. Explicit, so the cluster behaves the same whatever that file holds."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
