@@ -271,6 +271,7 @@ def export_bundle(
                 "format": BUNDLE_FORMAT,
                 "version": BUNDLE_VERSION,
                 "tasks": tasks,
+                "trained": model.config.trained_tasks,  # the tasks the model was taught (the server serves these)
                 "num_prompts": model.config.num_prompts,
                 "item_ids": getattr(tokenizer, "item_mode", "digits"),
                 "topn_history": model.config.topn_history,

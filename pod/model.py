@@ -51,9 +51,17 @@ class PODConfig:
     whole_word_size: int = 512
     topn_history: bool = False  # top-N inputs start with the user's recent history (see pod.templates)
     user_ids: bool = True  # sequential and top-N inputs name the user (False: `user_0`, the history alone)
+    # The tasks training taught (None: all of `tasks`, as in checkpoints written before this field). Every task
+    # keeps its prompt vectors, but an untaught task's are random: runtimes report only the taught ones, so
+    # nothing serves or evaluates a task the model never learned.
+    trained: list[str] | None = None
 
     def task_index(self, task: str) -> int:
         return self.tasks.index(task)
+
+    @property
+    def trained_tasks(self) -> list[str]:
+        return [t for t in self.tasks if self.trained is None or t in self.trained]
 
 
 def t5_config(preset: str, vocab_size: int, dropout: float | None = None) -> dict:
@@ -125,6 +133,7 @@ def build_model(
     topn_history: bool = False,
     user_ids: bool = True,
     init_std: float | None = None,
+    trained: list[str] | None = None,
 ) -> PODModel:
     """A fresh POD model: pretrained backbone weights from a local directory, or random from a preset.
 
@@ -150,6 +159,7 @@ def build_model(
             num_prompts=num_prompts,
             topn_history=topn_history,
             user_ids=user_ids,
+            trained=trained,
         )
         return PODModel(config, backbone=t5)
     config = PODConfig(
@@ -158,6 +168,7 @@ def build_model(
         num_prompts=num_prompts,
         topn_history=topn_history,
         user_ids=user_ids,
+        trained=trained,
     )
     model = PODModel(config)
     if init_std:

@@ -67,7 +67,7 @@ class OnnxRuntime:
         self.tokenizer = Tokenizer.load(bundle.root, bundle.manifest["model"]["whole_word_size"])
         self.topn_history = bool(bundle.manifest.get("topn_history", False))
         self.user_ids = bool(bundle.manifest.get("user_ids", True))
-        self.tasks = list(bundle.manifest["tasks"])
+        self.tasks = list(bundle.manifest.get("trained", bundle.manifest["tasks"]))  # the tasks training taught
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

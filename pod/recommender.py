@@ -332,6 +332,10 @@ class Recommender:
         has = self.runtime.tasks
         return "sequential" if "sequential" in has and (one_token or "topn" not in has) else "topn"
 
+    def serves(self, task: str) -> bool:
+        """Whether the model was taught what `task` needs (top-N: the prompt that ranks its candidates)."""
+        return (self.topn_task if task == "topn" else task) in self.runtime.tasks
+
     def _topn_text(self, prompt: str, job: TopNJob) -> str:
         return self.text(prompt, job.user, job.history) if prompt == "sequential" else self.job_text("topn", job)
 
@@ -418,9 +422,13 @@ class Recommender:
         """One job per task so the first real request does not pay for lazy initialisation."""
         user = next(iter(self.catalog.histories))
         items = list(self.catalog.item_tokens)
-        self.sequential([SequentialJob(user, self.catalog.histories[user], 5)])
-        self.topn([TopNJob(user, items[:20], 5, "beam"), TopNJob(user, items[:20], 5, "score")])
-        self.explain([ExplainJob(user, items[0], 8)])
+        history = self.catalog.histories[user]
+        if self.serves("sequential"):
+            self.sequential([SequentialJob(user, history, 5)])
+        if self.serves("topn"):
+            self.topn([TopNJob(user, items[:20], 5, "beam", history), TopNJob(user, items[:20], 5, "score", history)])
+        if self.serves("explanation"):
+            self.explain([ExplainJob(user, items[0], 8)])
 
 
 def by_length(recommender: Recommender, task: str, jobs: Sequence, batch_size: int) -> Iterator[list[int]]:

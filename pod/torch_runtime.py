@@ -104,7 +104,7 @@ class TorchRuntime:
         self.tokenizer = tokenizer
         self.topn_history = model.config.topn_history
         self.user_ids = model.config.user_ids
-        self.tasks = list(model.config.tasks)
+        self.tasks = model.config.trained_tasks  # what it can answer: the tasks training taught
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"
         self.decoder = DecoderStepGraph(self.model).eval()

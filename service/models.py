@@ -65,9 +65,16 @@ def smoke_test(recommender: Recommender) -> None:
     if not users:
         raise SmokeTestFailed("the catalog holds no user with a history to test the model on")
     items = sorted(catalog.item_tokens)
-    seq = recommender.sequential([SequentialJob(u, catalog.histories[u], 10) for u in users])
-    top = recommender.topn([TopNJob(u, items[:20], 5, "score", catalog.histories[u]) for u in users])
-    for name, results in (("sequential", seq), ("top-N", top)):
+    checks = []
+    if recommender.serves("sequential"):
+        jobs = [SequentialJob(u, catalog.histories[u], 10) for u in users]
+        checks.append(("sequential", recommender.sequential(jobs)))
+    if recommender.serves("topn"):
+        top = [TopNJob(u, items[:20], 5, "score", catalog.histories[u]) for u in users]
+        checks.append(("top-N", recommender.topn(top)))
+    if not checks:
+        raise SmokeTestFailed("the model was taught neither sequential recommendation nor top-N")
+    for name, results in checks:
         for user, ranked in zip(users, results):
             if not ranked.items:
                 raise SmokeTestFailed(f"{name}: no items for user {user}")

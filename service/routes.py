@@ -78,6 +78,9 @@ async def served(request: Request, model: Served, task: str, job: Any, bucket: i
     batch key holds the model's generation: a batch never mixes the models before and after a swap. The job
     travels as `(model, job, trace)`, `trace` its `queue.wait` span and request ids (None, tracing off)."""
     state = request.app.state
+    if not model.recommender.serves(task):
+        taught = ", ".join(model.recommender.runtime.tasks)
+        raise HTTPException(404, detail=[{"loc": [], "msg": f"this model was not trained for {task} (only {taught})"}])
     elapsed = time.perf_counter() - request.state.arrived
     trace = tracing.queued(request, task)
     try:

@@ -96,6 +96,10 @@ def evaluate(
     template = templates.WORDY if inference_prompt == "continuous+discrete" else templates.BARE
     rec = load_recommender(checkpoint, data, device, config, template=template)
     tasks = [t for t in ("sequential", "topn", "explanation") if task in ("all", t) and t in data.tasks]
+    untaught = [t for t in tasks if not rec.serves(t)]  # random prompts: no figure would mean anything
+    if untaught and task != "all":
+        raise ValueError(f"{checkpoint}: the model was not trained for {task} (only {', '.join(rec.runtime.tasks)})")
+    tasks = [t for t in tasks if t not in untaught]
     users = sample_users(data.users, limit, seed)
     popularity = data.item_popularity()
     pop_order = sorted(popularity, key=lambda i: (-popularity[i], i))
@@ -111,6 +115,7 @@ def evaluate(
         "users": len(users),
         "sample": "all users" if len(users) == len(data.users) else f"seeded random sample (seed {seed})",
         "device": str(rec.runtime.device),
+        "not_trained": untaught,  # tasks the data has but the model was not taught: not evaluated
         "results": {},
     }
 
@@ -214,6 +219,8 @@ def markdown(report: dict) -> str:
         f"item ids {report.get('item_ids', 'digits')}, prompt {report['inference_prompt']})",
         "",
     ]
+    if report.get("not_trained"):
+        lines += [f"Not evaluated, the model was not trained for them: {', '.join(report['not_trained'])}.", ""]
     for task, res in report["results"].items():
         rows = {k: v for k, v in res.items() if isinstance(v, dict) and k not in ("beam vs scoring", "lists")}
         metrics = list(next(iter(rows.values())).keys())
