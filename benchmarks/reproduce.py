@@ -135,7 +135,8 @@ def training_summary(run: Path, summary: dict) -> dict:
         "steps": summary.get("global_step"),
         "epochs_completed": summary.get("epoch"),
         "stop_reason": summary.get("stop_reason"),
-        "best_val_loss": summary.get("best_val"),
+        "best_val_loss": summary.get("best_val"),  # the selection metric's best value (see best_metric)
+        "best_metric": summary.get("best_metric", "loss"),  # "loss", or "hr10" (validation HR@10, higher is better)
         "best_checkpoint_epoch": best.get("epoch"),
         "best_val_loss_per_task": best.get("val_loss"),
         "last_epoch_train_loss": epochs[-1]["train_loss"] if epochs else None,
@@ -195,7 +196,8 @@ def markdown(report: dict) -> str:
     if tr:
         lines.append(
             f"- training: {tr['minutes']:.1f} min, {tr['steps']} steps, {tr['epochs_completed']} full epochs, "
-            f"stopped: {tr['stop_reason'] or 'epochs done'}; best validation loss {tr['best_val_loss']}"
+            f"stopped: {tr['stop_reason'] or 'epochs done'}; "
+            f"best validation {tr.get('best_metric', 'loss')} {tr['best_val_loss']}"
         )
     if ev:
         scope = (
