@@ -32,6 +32,11 @@ from pod.tokenization import EOS_ID, PAD_ID, Tokenizer
 from pod.tracing import span
 
 TOPN_PROMPTS = ("auto", "topn", "sequential")
+TOPN_PROMPT_HELP = (
+    "the prompt that ranks top-N candidates: the top-N task's (the candidates in the input, the paper's) or the "
+    "sequential task's (the history in, each candidate's next-item log-probability out); auto: sequential for "
+    "one-token item IDs (measured far better), else top-N"
+)  # the one wording of the choice, for `pod evaluate`, `pod serve` and POD_TOPN_PROMPT
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,7 @@ class Recommender:
         self.config = config or DecodingConfig()
         self.template = template  # BARE in serving; WORDY for the paper's continuous+discrete ablation
         asked = self.config.topn_prompt
-        if asked != "auto" and asked not in runtime.tasks:
+        if asked != "auto" and not self.serves("topn"):
             raise ValueError(
                 f"topn_prompt {asked!r}: the model has no {asked} prompt (it was trained on {', '.join(runtime.tasks)})"
             )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pod.recommender import TOPN_PROMPT_HELP, TOPN_PROMPTS  # numpy only; `pod` builds the train parser with it too
+
 SERVE_DEFAULTS: dict[str, object] = {
     "runtime": "onnx",
     "host": "127.0.0.1",
@@ -173,10 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument(
         "--topn-prompt",
         dest="topn_prompt",
-        choices=["auto", "topn", "sequential"],
-        help="the prompt that ranks /recommend/topn candidates: the top-N task's (candidates in the input) or the "
-        "sequential task's (history in, next-item log-probability at each candidate); auto: sequential for "
-        f"one-token item IDs, else top-N {d('topn_prompt')}",
+        choices=list(TOPN_PROMPTS),
+        help=f"{TOPN_PROMPT_HELP} {d('topn_prompt')}",
     )
     sv.add_argument("--provider", help=f"ONNX Runtime provider: auto, cpu, cuda {d('provider')}")
     sv.add_argument("--device", help=f"PyTorch device: auto, cpu, cuda {d('device')}")

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pod.recommender import DecodingConfig
+from pod.recommender import TOPN_PROMPT_HELP, DecodingConfig
 from service.schemas import MAX_LIST
 
 
@@ -46,9 +46,7 @@ class ServeSettings(BaseSettings):
     )
     topn_prompt: Literal["auto", "topn", "sequential"] = Field(
         DecodingConfig.topn_prompt,
-        description="the prompt that ranks /recommend/topn candidates: the top-N task's (candidates in the input) "
-        "or the sequential task's (the history in, next-item log-probability at each candidate); auto: "
-        "sequential for one-token item IDs (measured far better), else top-N",
+        description=TOPN_PROMPT_HELP,
     )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     availability_file: str | None = Field(

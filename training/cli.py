@@ -10,7 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-from pod.recommender import TOPN_PROMPTS, DecodingConfig  # numpy and sentencepiece only: the defaults' one home
+from pod.recommender import (  # numpy and sentencepiece only: the defaults' one home
+    TOPN_PROMPT_HELP,
+    TOPN_PROMPTS,
+    DecodingConfig,
+)
 
 TRAIN_DEFAULTS: dict[str, object] = {
     "preset": "tiny",
@@ -359,9 +363,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
         "--topn-prompt",
         default=DecodingConfig.topn_prompt,
         choices=list(TOPN_PROMPTS),
-        help="the prompt that ranks top-N candidates: the top-N task's (candidates in the input, the paper's) or "
-        "the sequential task's (history in, next-item log-probability at each candidate); auto: sequential for "
-        "one-token item IDs, else top-N (default: auto)",
+        help=f"{TOPN_PROMPT_HELP} (default: {DecodingConfig.topn_prompt})",
     )
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     ev.add_argument("--out", help="write JSON here and Markdown next to it")

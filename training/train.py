@@ -462,6 +462,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     start = time.monotonic() - progress["elapsed_s"]
     stop_reason = None
+    workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if device.type == "cuda" else 0)
     while progress["epoch"] < cfg.epochs and stop_reason is None:
         epoch = progress["epoch"]
         epoch_rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the epoch's samples and order
@@ -475,7 +476,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             dynamic_ncols=True,
         )
         t_window, n_window = time.monotonic(), 0
-        workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if device.type == "cuda" else 0)
         todo = batches[progress["step_in_epoch"] :]
         loader = batch_loader(todo, tokenizer, task_index, workers, pin=device.type == "cuda")
         for task, size, tensors in loader:
