@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.hf_baseline import allowed_tokens, item_list, new_tokens  # noqa: E402
+from benchmarks.hf_baseline import allowed_tokens, generate_inputs, item_list, new_tokens  # noqa: E402
 from pod.dataset import PreparedData  # noqa: E402
 from pod.model import build_model, load_checkpoint  # noqa: E402
 from pod.recommender import Catalog, DecodingConfig, Recommender, SequentialJob, by_length, sample_users  # noqa: E402
@@ -66,10 +66,8 @@ def run_hf_plain(rec: Recommender, jobs: list[SequentialJob], batch_size: int) -
         enc = {k: v.to(dev) for k, v in encode_batch(tok, chunk).items()}
         task = torch.full((len(chunk),), model.config.task_index("sequential"), device=dev)
         with runtime.autocast():
-            embeds, mask = model.embed(task, **enc)
             model.t5.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
+                **generate_inputs(model, task, enc),
                 num_beams=beams,
                 num_return_sequences=beams,
                 max_new_tokens=length,
@@ -89,10 +87,8 @@ def run_hf(rec: Recommender, jobs: list[SequentialJob], batch_size: int) -> list
         enc = {k: v.to(dev) for k, v in encode_batch(tok, chunk).items()}
         task = torch.full((len(chunk),), model.config.task_index("sequential"), device=dev)
         with runtime.autocast():
-            embeds, mask = model.embed(task, **enc)
             out = model.t5.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
+                **generate_inputs(model, task, enc),
                 num_beams=beams,
                 num_return_sequences=beams,
                 max_new_tokens=new_tokens(rec.catalog.longest_item),

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
+from pod.model import PODModel
 from pod.tokenization import EOS_ID
 
 MAX_NEW_TOKENS = 16
@@ -24,6 +26,16 @@ def new_tokens(longest_item: int) -> int:
     Multi-token items keep the generous budget: the search stops at `</s>` anyway.
     """
     return 1 if longest_item <= 2 else MAX_NEW_TOKENS
+
+
+def generate_inputs(model: PODModel, task_index: torch.Tensor, enc: dict[str, torch.Tensor]) -> dict:
+    """What `generate` reads for POD inputs: the prompt-extended embeddings, or for a causal-history model the
+    encoder's states (HF's own encoder would read the history in both directions, a different model)."""
+    if model.causal():
+        hidden, mask = model.encode(task_index, **enc)
+        return {"encoder_outputs": BaseModelOutput(hidden), "attention_mask": mask}
+    embeds, mask = model.embed(task_index, **enc)
+    return {"inputs_embeds": embeds, "attention_mask": mask}
 
 
 def allowed_tokens(trie, constraint_of: Callable[[int], object]) -> Callable[[int, torch.Tensor], list[int]]:

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.hf_baseline import MAX_NEW_TOKENS, allowed_tokens, item_list, new_tokens  # noqa: E402
+from benchmarks.hf_baseline import MAX_NEW_TOKENS, allowed_tokens, generate_inputs, item_list, new_tokens  # noqa: E402
 from export.export import export_bundle  # noqa: E402
 from pod.bundle import Bundle  # noqa: E402
 from pod.dataset import PreparedData  # noqa: E402
@@ -245,10 +245,8 @@ def hf(runtime: TorchRuntime, rec: Recommender, task: str, beams: int, constrain
 
         enc = {k: v.to(dev) for k, v in encode_batch(tok, [text]).items()}
         with runtime.autocast():
-            embeds, mask = model.embed(torch.full((1,), task_index, device=dev), **enc)
             out = model.t5.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
+                **generate_inputs(model, torch.full((1,), task_index, device=dev), enc),
                 num_beams=beams,
                 do_sample=False,
                 **limits,

@@ -52,8 +52,7 @@ class EncoderGraph(nn.Module):
 
     def forward(self, input_ids, whole_word_ids, attention_mask):
         task_index = torch.full_like(input_ids[:, 0], self.task)
-        embeds, mask = self.model.embed(task_index, input_ids, whole_word_ids, attention_mask, self.use_prompts)
-        hidden = self.model.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        hidden, mask = self.model.encode(task_index, input_ids, whole_word_ids, attention_mask, self.use_prompts)
         cfg = self.model.t5.config
         b, s, _ = hidden.shape
         kv = []

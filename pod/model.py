@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
 
 from pod import TASKS
 from pod.atomic import write_dir_atomically
@@ -55,6 +56,12 @@ class PODConfig:
     # keeps its prompt vectors, but an untaught task's are random: runtimes report only the taught ones, so
     # nothing serves or evaluates a task the model never learned.
     trained: list[str] | None = None
+    # Token ids from here up are items, and the sequential task's encoder reads them causally (None: full
+    # attention, the paper's). An item attends to the input's words and to the items before it, never to later
+    # ones, and the words attend to words only; so one encoder pass over a training sequence holds the state
+    # after every prefix, and training predicts every next item of a sequence at once (`--sequential-samples
+    # causal`, `PODModel.next_item_loss`) instead of one encoder pass per prefix. Inference builds the same mask.
+    causal_items_from: int | None = None
 
     def task_index(self, task: str) -> int:
         return self.tasks.index(task)
@@ -113,14 +120,87 @@ class PODModel(nn.Module):
         ones = attention_mask.new_ones(attention_mask.shape[0], prompts.shape[1])
         return torch.cat([prompts, tokens], dim=1), torch.cat([ones, attention_mask], dim=1)
 
-    def forward(self, task_index, input_ids, whole_word_ids, attention_mask, labels) -> torch.Tensor:
-        """Mean token NLL over the non-padding target tokens (`labels` padded with -100)."""
-        embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask)
-        return self.t5(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    def _history(self, task_index, input_ids, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the prompt-extended input: per position the number of items up to it (`step`), which keys
+        anything may read (`visible`: the padding mask less, on causal rows, the words after the first item,
+        e.g. the closing `</s>`: their place moves with the history's length, so reading them would make a
+        prefix's states depend on what follows it), and the rows that read causally."""
+        is_item = torch.zeros_like(mask, dtype=torch.bool)
+        is_item[:, mask.shape[1] - input_ids.shape[1] :] = input_ids >= self.config.causal_items_from
+        step = torch.cumsum(is_item.long(), dim=1)
+        rows = task_index == self.config.task_index("sequential")
+        visible = mask.bool() & (is_item | (step == 0) | ~rows[:, None])
+        return step, visible, rows
+
+    def causal(self) -> bool:
+        return self.config.causal_items_from is not None and "sequential" in self.config.tasks
+
+    def encode(
+        self,
+        task_index: torch.Tensor,
+        input_ids: torch.Tensor,
+        whole_word_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        use_prompts: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states and the mask the decoder's cross-attention reads (prompt-extended).
+
+        On a causal-history model's sequential rows, a position reads the visible keys with no more items
+        before them than itself (`_history`), so words read words and an item the items up to itself."""
+        embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask, use_prompts)
+        if not self.causal():
+            return self.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
+        step, visible, rows = self._history(task_index, input_ids, mask)
+        allowed = visible[:, None, :] & ((step[:, None, :] <= step[:, :, None]) | ~rows[:, None, None])
+        additive = ((~allowed).to(embeds.dtype) * torch.finfo(embeds.dtype).min)[:, None]
+        hidden = self.t5.get_encoder()(inputs_embeds=embeds, attention_mask=additive).last_hidden_state
+        return hidden, visible.to(mask.dtype)
+
+    def forward(
+        self, task_index, input_ids, whole_word_ids, attention_mask, labels=None, next_items=None
+    ) -> torch.Tensor:
+        """Mean token NLL over the non-padding target tokens (`labels` padded with -100), or with `next_items`
+        the mean next-item NLL of `next_item_loss`."""
+        if next_items is not None:
+            return self.next_item_loss(task_index, input_ids, whole_word_ids, attention_mask, next_items)
+        hidden, mask = self.encode(task_index, input_ids, whole_word_ids, attention_mask)
+        return self.t5(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, labels=labels).loss
+
+    def next_item_states(self, task_index, input_ids, whole_word_ids, attention_mask, rows: int) -> torch.Tensor:
+        """Output states `[batch, rows, d_model]` (scaled for the tied output matrix) after each of the first
+        `rows` items of causal-history sequential inputs: row r is the state a one-step decode of the input
+        cut after its (r+1)-th item gives. The decoder's first step attends only to itself, so `rows`
+        independent first steps run as one decoder pass whose queries each see the states up to their item."""
+        if not self.causal():
+            raise ValueError("next-item states need a causal-history model (--sequential-samples causal)")
+        hidden, visible = self.encode(task_index, input_ids, whole_word_ids, attention_mask)
+        dtype, device = hidden.dtype, hidden.device
+        step, _, _ = self._history(task_index, input_ids, visible)
+        after = torch.arange(1, rows + 1, device=device)
+        sees = visible.bool()[:, None, :] & (step[:, None, :] <= after[None, :, None])  # [batch, rows, source]
+        cross = ((~sees).to(dtype) * torch.finfo(dtype).min)[:, None]
+        alone = ~torch.eye(rows, dtype=torch.bool, device=device)
+        self_mask = (alone.to(dtype) * torch.finfo(dtype).min).expand(hidden.shape[0], 1, rows, rows)
+        start = torch.full((hidden.shape[0], rows), self.t5.config.decoder_start_token_id, device=device)
+        out = self.t5.get_decoder()(
+            input_ids=start, attention_mask=self_mask, encoder_hidden_states=hidden, encoder_attention_mask=cross
+        ).last_hidden_state
+        return out * self.t5.config.d_model**-0.5 if self.t5.config.tie_word_embeddings else out
+
+    def next_item_loss(self, task_index, input_ids, whole_word_ids, attention_mask, next_items) -> torch.Tensor:
+        """Mean NLL of every next item of causal-history inputs (`next_items[b, r]`: the token of the item
+        after the (r+1)-th input item, -100 where none), normalized over the item tokens only: a one-step
+        top-k ranks items among items, and the words' rows of the output matrix are spared."""
+        states = self.next_item_states(task_index, input_ids, whole_word_ids, attention_mask, next_items.shape[1])
+        keep = next_items >= 0
+        first = self.config.causal_items_from
+        logits = states[keep] @ self.t5.lm_head.weight[first:].t()
+        return nn.functional.cross_entropy(logits.float(), next_items[keep] - first)
 
     def logits(self, task_index, input_ids, whole_word_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
-        embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask)
-        return self.t5(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+        hidden, mask = self.encode(task_index, input_ids, whole_word_ids, attention_mask)
+        out = self.t5(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, decoder_input_ids=decoder_input_ids)
+        return out.logits
 
 
 def build_model(
@@ -134,6 +214,7 @@ def build_model(
     user_ids: bool = True,
     init_std: float | None = None,
     trained: list[str] | None = None,
+    causal_items_from: int | None = None,
 ) -> PODModel:
     """A fresh POD model: pretrained backbone weights from a local directory, or random from a preset.
 
@@ -160,6 +241,7 @@ def build_model(
             topn_history=topn_history,
             user_ids=user_ids,
             trained=trained,
+            causal_items_from=causal_items_from,
         )
         return PODModel(config, backbone=t5)
     config = PODConfig(
@@ -169,6 +251,7 @@ def build_model(
         topn_history=topn_history,
         user_ids=user_ids,
         trained=trained,
+        causal_items_from=causal_items_from,
     )
     model = PODModel(config)
     if init_std:

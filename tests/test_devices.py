@@ -8,8 +8,11 @@ excepted, as PyTorch allows), so a CPU-built index beside meta weights fails the
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
+import torch.fx.experimental._config
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -57,3 +60,23 @@ def test_decoder_step_and_output_graphs_stay_on_the_models_device(meta_model):
         logits = OutputGraph(meta_model)(hidden, torch.tensor([1, 5], device=META))
         assert logits.shape == (rows, 2)
         assert OutputGraph(meta_model, full=True)(hidden).shape == (rows, cfg.vocab_size)
+
+
+def test_causal_history_encoder_and_next_item_loss_stay_on_the_models_device():
+    """The causal masks (steps, per-row visibility, the decoder's own-row mask) are built at run time."""
+    with torch.device(META):
+        model = PODModel(PODConfig(t5=t5_config("tiny", 900), causal_items_from=800))
+    batch, length, rows = 3, 9, 4
+    x = dict(
+        task_index=torch.tensor([0, 1, 0], device=META),
+        input_ids=torch.zeros(batch, length, dtype=torch.long, device=META),
+        whole_word_ids=torch.zeros(batch, length, dtype=torch.long, device=META),
+        attention_mask=torch.ones(batch, length, dtype=torch.long, device=META),
+    )
+    with OneDevice():
+        hidden, visible = model.encode(**x)
+        assert hidden.device == META and visible.shape == (batch, length + model.config.num_prompts)
+        # the loss keeps the rows with a target (a boolean index: data-dependent, so meta needs a shape rule)
+        with patch.object(torch.fx.experimental._config, "meta_nonzero_assume_all_nonzero", True):
+            loss = model(**x, next_items=torch.zeros(batch, rows, dtype=torch.long, device=META))
+        assert loss.device == META

@@ -294,8 +294,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     tr.add_argument(
         "--sequential-samples",
         dest="sequential_samples",
-        choices=["one", "all"],
-        help=f"one random segment per user per epoch (paper), or every prefix {d('sequential_samples')}",
+        choices=["one", "all", "causal"],
+        help="one random segment per user per epoch (paper), every prefix, or every prefix in one pass per user "
+        f"with the history read causally (token ids; several times the targets per second) {d('sequential_samples')}",
     )
     tr.add_argument(
         "--topn-samples",

@@ -8,6 +8,8 @@ a sentence for explanations. What an epoch holds:
   part of the sequence (input = segment minus its last item, at most the last 20; target = the last item);
   `all`: every prefix of every training part (target = item t, history = the up to 20 items before it).
   `one` sees each target about once every `len - 1` epochs, which starves a model trained from scratch;
+  `causal` (token ids, a causal-history model): the targets of `all` from one sample per user (per 21 items):
+  the training part as input and every next item as a target, all read in one pass (`PODModel.next_item_loss`);
 - top-N, `one`: one positive from the user's training items plus 99 random items the user never touched;
   `all`: every training item of every user as a positive, each with 99 fresh negatives (inputs are about
   100 items long, so this costs ~`len - 2` times the `one` epoch).
@@ -28,19 +30,22 @@ from pod.ids import ANONYMOUS_USER
 from pod.tokenization import PAD_ID, Tokenizer
 
 SAMPLINGS = ("one", "all")
+SEQUENTIAL_SAMPLINGS = (*SAMPLINGS, "causal")
+BUCKET = 32  # batches per length bucket: similar lengths share a batch, so little of a batch is padding
 
 
 @dataclass(frozen=True)
 class Sample:
     """`item` is the target of sequential/top-N samples, `target` the sentence of explanations; `exclude` (set
     on sequential validation samples only) is everything the user bought before the target, which a ranking
-    metric masks as evaluation does."""
+    metric masks as evaluation does; `next_items` (causal sequential samples) the item after each input item."""
 
     task: str
     source: str
     target: str = ""
     item: int | None = None
     exclude: tuple[int, ...] = ()
+    next_items: tuple[int, ...] = ()
 
 
 def sequential_sample(
@@ -69,6 +74,20 @@ def sequential_prefixes(data: PreparedData, user: int, rng: random.Random, anony
         )
         for t in range(1, len(items))
     ]
+
+
+def sequential_windows(data: PreparedData, user: int, rng: random.Random, anonymous: bool = False) -> list[Sample]:
+    """The targets of `sequential_prefixes` for a causal-history model: windows of up to MAX_HISTORY + 1
+    items ending at the training part's end, then every MAX_HISTORY items before it, so every target is
+    predicted once (a window's first target sees one item of history, as SASRec's windows do)."""
+    items = data.train_items(user)
+    shown = ANONYMOUS_USER if anonymous else user
+    out = []
+    for end in range(len(items), 1, -MAX_HISTORY):
+        window = items[max(0, end - MAX_HISTORY - 1) : end]
+        text = templates.fill("sequential", templates.draw("sequential", rng), shown, window[:-1])
+        out.append(Sample("sequential", text, next_items=tuple(window[1:])))
+    return out
 
 
 def topn_sample(
@@ -146,9 +165,9 @@ def epoch_samples(
 ) -> dict[str, list[Sample]]:
     """One epoch's training samples per task, drawn from `rng` (so an epoch is reproducible from its seed);
     `sequential` and `topn` choose `one` sample per user or `all` (see the module docstring)."""
-    for name, value in (("sequential", sequential), ("topn", topn)):
-        if value not in SAMPLINGS:
-            raise ValueError(f"{name} samples must be one of {', '.join(SAMPLINGS)}, not {value!r}")
+    for name, value, allowed in (("sequential", sequential, SEQUENTIAL_SAMPLINGS), ("topn", topn, SAMPLINGS)):
+        if value not in allowed:
+            raise ValueError(f"{name} samples must be one of {', '.join(allowed)}, not {value!r}")
     out: dict[str, list[Sample]] = {}
     users = data.users
     all_items = data.items
@@ -156,6 +175,8 @@ def epoch_samples(
     for task in tasks:
         if task == "explanation":
             out[task] = [explanation_sample(r, templates.draw(task, rng)) for r in data.explanations["train"]]
+        elif task == "sequential" and sequential == "causal":
+            out[task] = [s for u in users for s in sequential_windows(data, u, rng, not user_ids)]
         elif task == "sequential" and sequential == "all":
             out[task] = [s for u in users for s in sequential_prefixes(data, u, rng, not user_ids)]
         elif task == "sequential":
@@ -205,9 +226,16 @@ def validation_samples(
 
 
 def collate(samples: list[Sample], tokenizer: Tokenizer, task_index: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Tokenize and pad a batch; labels are padded with -100 so padding is out of the loss."""
+    """Tokenize and pad a batch; labels are padded with -100 so padding is out of the loss. Causal samples
+    give `next_items` (item tokens, -100 padded) in place of `labels`."""
     enc = [tokenizer.encode_input(s.source) for s in samples]
-    tgt = [tokenizer.item_target(s.item) if s.item is not None else tokenizer.encode_target(s.target) for s in samples]
+    causal = bool(samples[0].next_items)
+    if causal:
+        tgt = [[tokenizer.item_tokens(i)[0] for i in s.next_items] for s in samples]
+    else:
+        tgt = [
+            tokenizer.item_target(s.item) if s.item is not None else tokenizer.encode_target(s.target) for s in samples
+        ]
     n_in = max(len(ids) for ids, _ in enc)
     n_out = max(len(t) for t in tgt)
     input_ids = torch.full((len(samples), n_in), PAD_ID, dtype=torch.long)
@@ -224,8 +252,12 @@ def collate(samples: list[Sample], tokenizer: Tokenizer, task_index: dict[str, i
         "input_ids": input_ids,
         "whole_word_ids": whole_word,
         "attention_mask": mask,
-        "labels": labels,
+        "next_items" if causal else "labels": labels,
     }
+
+
+def _length(sample: Sample) -> int:
+    return len(sample.source) + len(sample.target)
 
 
 def make_batches(
@@ -233,7 +265,11 @@ def make_batches(
 ) -> list[list[Sample]]:
     """Batches for one epoch: one task per batch cycling through the tasks (`alternated`), or all tasks
     shuffled together (`mixed`). With several processes, each rank gets its own share and every rank
-    gets the same number of batches (and, when alternated, the same task at the same step)."""
+    gets the same number of batches (and, when alternated, the same task at the same step).
+
+    Each run of BUCKET batches of the (shuffled) pool is sorted by input length before it is cut, and the
+    batches are then shuffled: a batch pads to its longest input, and on Beauty a random batch padded the
+    average every-prefix input to three times its length."""
     if strategy == "mixed":
         pool = [s for task in samples for s in samples[task]]
         rng.shuffle(pool)
@@ -246,7 +282,11 @@ def make_batches(
     for pool in shards.values():
         usable = len(pool) - len(pool) % world
         mine = pool[:usable][rank::world]
-        per_task.append([mine[i : i + batch_size] for i in range(0, len(mine), batch_size)])
+        span = batch_size * BUCKET
+        ordered = [s for i in range(0, len(mine), span) for s in sorted(mine[i : i + span], key=_length)]
+        cut = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+        rng.shuffle(cut)
+        per_task.append(cut)
     batches: list[list[Sample]] = []
     for step in range(max((len(b) for b in per_task), default=0)):
         for task_batches in per_task:  # explanation -> sequential -> top-N, as in the paper

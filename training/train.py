@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers.modeling_outputs import BaseModelOutput
 
 from pod import TASKS, templates
 from pod.dataset import PreparedData
@@ -33,7 +35,15 @@ from pod.ids import item_token, user_token
 from pod.items import DEFAULT_CLUSTERS, DEFAULT_LEAF_SIZE, ITEM_MODES, ItemIndex
 from pod.model import PODModel, build_model, load_checkpoint, save_checkpoint
 from pod.tokenization import Tokenizer, train_sentencepiece
-from training.samples import SAMPLINGS, Sample, collate, epoch_samples, make_batches, validation_samples
+from training.samples import (
+    SAMPLINGS,
+    SEQUENTIAL_SAMPLINGS,
+    Sample,
+    collate,
+    epoch_samples,
+    make_batches,
+    validation_samples,
+)
 from training.state import read_state, write_state
 
 SELECT_BY = ("auto", "loss", "hr10")
@@ -51,7 +61,9 @@ class TrainConfig:
     item_ids: str | None = None  # digits | token | collaborative; None: the prepared data's `item_ids`, else digits
     item_clusters: int = DEFAULT_CLUSTERS  # collaborative: clusters per level
     item_leaf_size: int = DEFAULT_LEAF_SIZE  # collaborative: largest leaf cluster
-    sequential_samples: str = "all"  # one: a random segment per user per epoch (paper); all: every prefix
+    # one: a random segment per user per epoch (paper); all: every prefix; causal: every prefix in one pass per
+    # user, with the history read causally (token ids)
+    sequential_samples: str = "all"
     topn_samples: str = "one"  # one: one positive per user per epoch (paper); all: every training item
     select_by: str = "auto"  # loss: lowest mean validation loss; hr10: highest sequential HR@10 (token ids); auto:
     # hr10 where it can be computed (token ids and the sequential task), else loss
@@ -96,9 +108,13 @@ def check_config(cfg: TrainConfig, data: PreparedData) -> TrainConfig:
     cfg.item_ids = cfg.item_ids or data.item_ids
     if cfg.item_ids not in ITEM_MODES:
         raise ValueError(f"--item-ids must be one of {', '.join(ITEM_MODES)}, not {cfg.item_ids!r}")
-    for name in ("sequential_samples", "topn_samples"):
-        if getattr(cfg, name) not in SAMPLINGS:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(SAMPLINGS)}")
+    for name, allowed in (("sequential_samples", SEQUENTIAL_SAMPLINGS), ("topn_samples", SAMPLINGS)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+    if cfg.sequential_samples == "causal" and cfg.item_ids != "token":
+        raise ValueError(
+            f"--sequential-samples causal needs --item-ids token (one decoder step per item), not {cfg.item_ids}"
+        )
     if cfg.tasks is None:
         cfg.tasks = [t for t in TASKS if t != "topn"] if cfg.item_ids == "token" else list(TASKS)
     if cfg.topn_history is None:
@@ -193,12 +209,17 @@ def validate(
             chunk = pool[i : i + cfg.eval_batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, tokenizer, task_index).items()}
             with autocast(cfg, device):
-                embeds, mask = model.embed(
+                hidden, mask = model.encode(
                     batch["task_index"], batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"]
                 )
-                result = model.t5(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"])
+                result = model.t5(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, labels=batch["labels"])
             loss = result.loss
             n = (batch["labels"] != -100).sum()
+            if task == "sequential" and model.config.causal_items_from is not None:
+                # what a causal model learns: the next item among items (it is never taught the `</s>` after it)
+                first = model.config.causal_items_from
+                loss = F.cross_entropy(result.logits[:, 0, first:].float(), batch["labels"][:, 0] - first)
+                n = torch.tensor(len(chunk), device=device)
             sums += torch.stack([loss.double() * n, n.double()])
             if rank_items and task == "sequential":
                 scores = result.logits[:, 0, :].float().index_select(1, columns_t)
@@ -314,7 +335,9 @@ def quick_sequential_config(data: str | Path, out: str | Path) -> TrainConfig:
 
 
 def _tensors(batch: list[Sample], tokenizer: Tokenizer, task_index: dict[str, int]) -> tuple[str, int, dict]:
-    return batch[0].task, len(batch), collate(batch, tokenizer, task_index)
+    """(task, targets, tensors): a causal sample holds a target per history item, so rates count targets."""
+    targets = sum(len(s.next_items) for s in batch) if batch[0].next_items else len(batch)
+    return batch[0].task, targets, collate(batch, tokenizer, task_index)
 
 
 def batch_loader(
@@ -389,6 +412,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             cfg.user_ids,
             cfg.init_std,
             trained=tasks,
+            causal_items_from=tokenizer.item_offset if cfg.sequential_samples == "causal" else None,
         )
     model.to(device).train()
     task_index = {t: model.config.task_index(t) for t in model.config.tasks}
