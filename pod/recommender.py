@@ -259,19 +259,29 @@ class Recommender:
     def _rank(
         self, task: str, texts: list[str], cons: list[Constraint], ks: list[int], prompt: str | None = None
     ) -> list[Ranked]:
-        """One constrained beam search over a batch: each job's best `k` items with their scores."""
+        """One constrained beam search over a batch: each job's best `k` items with their scores.
+
+        A session that can search on its device (`constrained_search`, see `pod.device_search`) does, so no
+        decoder step waits on the host; otherwise the NumPy search (`pod.decoding.beam_search`, the reference
+        and the ONNX path) drives the session step by step. Both return the same lists up to ties.
+        """
         session = self._start(task, texts, prompt)
-        with span("search", task=task, mode="beam", rows=len(texts), beams=self.config.beams):
-            hyps = beam_search(
-                session,
-                len(texts),
-                self.config.beams,
-                self.catalog.longest_item,
-                EOS_ID,
-                constraints=cons,
-                length_penalty=0.0,
-                normalize=self.config.normalizer,
-            )
+        cfg, longest = self.config, self.catalog.longest_item
+        on_device = hasattr(session, "constrained_search")
+        with span("search", task=task, mode="beam", rows=len(texts), beams=cfg.beams, on_device=on_device):
+            if on_device:
+                hyps = session.constrained_search(self.catalog.trie, cons, cfg.beams, longest, EOS_ID, cfg.normalizer)
+            else:
+                hyps = beam_search(
+                    session,
+                    len(texts),
+                    cfg.beams,
+                    longest,
+                    EOS_ID,
+                    constraints=cons,
+                    length_penalty=0.0,
+                    normalize=cfg.normalizer,
+                )
         return [
             Ranked([(h.value, h.logprob) for h in row][:k], sum(len(h.tokens) for h in row)) for k, row in zip(ks, hyps)
         ]

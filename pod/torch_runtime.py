@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pod.decoding import ProjectedSession
+from pod import device_search
+from pod.decoding import Constraint, Hypothesis, ProjectedSession, Trie
 from pod.graphs import DecoderStepGraph, EncoderGraph
 from pod.model import PODModel
 from pod.tokenization import Tokenizer
@@ -94,6 +95,33 @@ class TorchSession(ProjectedSession):
             out = np.pad(out, ((0, 0), (0, k - m)), constant_values=-np.inf)
             idx = np.pad(idx, ((0, 0), (0, k - m)), constant_values=-1)
         return idx, out.astype(np.float32)
+
+    def constrained_search(
+        self,
+        trie: Trie,
+        constraints: list[Constraint],
+        num_beams: int,
+        max_new_tokens: int,
+        eos_id: int,
+        normalize: str = "exact",
+        start_id: int = 0,
+    ) -> list[list[Hypothesis]]:
+        """`pod.decoding.beam_search` (one group, `length_penalty=0`, every row constrained) on the model's device
+        (`pod.device_search`): the trie lives there as tensors, no decoder step waits on the host, and the
+        finished items come back once at the end. `trie` is the catalog's (its tables are cached per device);
+        a row's constraint may be on it or on a part of it (a top-N job's candidates)."""
+        return device_search.beam_search(
+            self.advance,
+            self._logits,
+            self.cross_kv.device,
+            trie,
+            constraints,
+            num_beams,
+            max_new_tokens,
+            eos_id,
+            start_id,
+            normalize,
+        )
 
 
 class TorchRuntime:
