@@ -222,7 +222,7 @@ def beam_search(
                 keep = [_column(columns, t) for t, _ in allowed[r]]
                 row = np.full(vocab, NEG_INF, dtype=np.float32)
                 row[keep] = logp[r, keep]
-                if renormalize:
+                if renormalize and keep:  # a row whose constraint allows nothing stays empty
                     row[keep] = log_softmax(row[keep][None])[0]
                 logp[r] = row
         last = step + 1 == max_new_tokens

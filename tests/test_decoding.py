@@ -223,3 +223,13 @@ def test_allowed_normalizer_renormalizes_over_the_trie_and_skips_forced_ends():
     assert sum(np.exp(h.logprob) for h in hyps) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="normalize"):
         beam_search(HashStep(4, 12, 1), 1, 4, 3, eos_id=EOS, normalize="nope")
+
+
+@pytest.mark.parametrize("normalize", ["exact", "allowed"])
+def test_a_row_that_excludes_every_item_gets_an_empty_list_beside_others(normalize):
+    trie = Trie([([3, 4, EOS], 1), ([3, 5, EOS], 2), ([6, EOS], 3)])
+    cons = [trie.restrict(), trie.restrict([1, 2, 3]), trie.restrict([3])]
+    hyps = beam_search(HashStep(12, 8, 0), 3, 4, 3, eos_id=EOS, constraints=cons, length_penalty=0, normalize=normalize)
+    assert sorted(h.value for h in hyps[0]) == [1, 2, 3]
+    assert hyps[1] == []
+    assert sorted(h.value for h in hyps[2]) == [1, 2]
