@@ -261,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--train-minutes", type=float, default=6.0, help="training time box")
     ap.add_argument("--epochs", type=int, default=100, help="upper bound; the time box or early stopping ends first")
+    ap.add_argument("--patience", type=int, default=5, help="epochs without a better validation value before stopping")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, help="default: the paper's for the dataset (5e-4; Sports 1e-3)")
     ap.add_argument("--warmup-steps", type=int, default=0)
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             preset=args.preset,
             tasks=train_tasks,
             epochs=args.epochs,
+            patience=args.patience,
             max_minutes=args.train_minutes,
             batch_size=args.batch_size,
             lr=lr,
