@@ -12,7 +12,8 @@
 #      without a grid a t5-small trained SPEED_STEPS steps (enough for `</s>` after an item to be certain):
 #      the full test split through `pod evaluate` (sequential and top-N),
 #      eval_throughput.py (ours vs HF generate, same lists) at a large batch and at batch 1, and
-#      runtime_latency.py for explanations at batch 1 (t5-small shape, random weights).
+#      runtime_latency.py for explanations at batch 1 (t5-small shape, random weights), and device_search.py
+#      (multi-token ids: the search on the card vs the NumPy search on the host, same lists).
 #
 # Prove it on a CPU first (about 2 minutes each on 2 cores):
 #   OUT=/tmp/gs DEVICE=cpu DATA=data/synthetic TRAIN_MIN=0.3 VAL_LIMIT=50 EVAL_LIMIT=100 THREADS=1 \
@@ -130,6 +131,8 @@ PYEOF
         --task sequential --item-ids token --requests 30 --warmup 5 --rounds 1 --out "$WORK/latency_sequential.json"
     timed latency_explanation 45 $PY benchmarks/runtime_latency.py --device "$DEVICE" --shapes "$SHAPES" \
         --task explanation --requests 20 --warmup 3 --rounds 1 --out "$WORK/latency_explanation.json"
+    timed device_search 60 $PY benchmarks/device_search.py --device "$DEVICE" --preset "$SPEED_PRESET" \
+        --item-ids collaborative --users 256 --batch-size 64 --repeats 2
 fi
 stamp "4. summary"
 $PY - "$WORK" "$OUT/summary.json" <<'PYEOF'
