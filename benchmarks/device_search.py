@@ -69,7 +69,9 @@ def main() -> None:
     ap.add_argument("--data", help="prepared data (default: a fresh synthetic shop of --shop-users users)")
     ap.add_argument("--shop-users", type=int, default=1000)
     ap.add_argument("--shop-items", type=int, default=300)
-    ap.add_argument("--item-ids", default="digits", choices=["digits", "collaborative"], help="for a fresh model")
+    ap.add_argument(
+        "--item-ids", default="digits", choices=["digits", "collaborative", "semantic"], help="for a fresh model"
+    )
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--users", type=int, default=200, help="a seeded random sample of test users (0 = all)")
     ap.add_argument("--beams", type=int, default=20)
@@ -96,7 +98,7 @@ def main() -> None:
         model = build_model(tok, args.preset, init_std=0.05)
     mode = getattr(tok, "item_mode", args.item_ids)
     if mode == "token":
-        raise SystemExit("token item IDs rank in one decoder step; this benchmark is for digits / collaborative")
+        raise SystemExit("token item IDs rank in one decoder step; this benchmark is for multi-token item IDs")
     runtime = TorchRuntime(model, tok, dev, bf16=dev == "cuda")
     catalog = Catalog.from_prepared(data, tok)
     cfg = DecodingConfig(beams=args.beams, normalizer=args.normalizer)

@@ -267,7 +267,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    ap.add_argument("--item-ids", choices=["digits", "token", "collaborative"], help="default: the data's (token)")
+    ap.add_argument(
+        "--item-ids", choices=["digits", "token", "collaborative", "semantic"], help="default: the data's (token)"
+    )
     ap.add_argument("--sequential-samples", choices=["one", "all", "causal"], help="default: pod train's (all)")
     ap.add_argument("--topn-samples", choices=["one", "all"], help="default: pod train's (one)")
     ap.add_argument("--select-by", choices=["auto", "loss", "hr10"], help="default: pod train's (auto)")

@@ -451,7 +451,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1000, help="synthetic shop size")
     ap.add_argument(
         "--item-ids",
-        choices=["digits", "token", "collaborative"],
+        choices=["digits", "token", "collaborative", "semantic"],
         default="digits",
         help="how items are written (default: digits, the REFERENCE anchors' form; token: one step + exact top-k)",
     )

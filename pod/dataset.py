@@ -2,7 +2,7 @@
 
 Layout (format `pod-prepared`, version 1; see docs/DATA.md):
 - `manifest.json`: format, version, counts, seed, item indexing (`item_index`: how items are numbered) and
-  the default item writing for training (`item_ids`: digits, token or collaborative; absent = digits),
+  the default item writing for training (`item_ids`: digits, token, collaborative or semantic; absent = digits),
   source files with SHA-256.
 - `sequences.txt`: `user item item ...` with internal 1-based indices, chronological, whole sequence.
   Leave-one-out is implied: last item = test, the one before = validation, the rest = training.

@@ -7,7 +7,7 @@ code works for T5's vocabulary (`▁user _ 12 34`) and for a small vocabulary tr
 
 Items are written according to the tokenizer's `ItemIndex` (`pod.items`): as digit pieces (`digits`, the
 paper's form), or as extra vocabulary tokens placed after the SentencePiece vocabulary (`token`,
-`collaborative`). Texts keep saying `item_17` in every mode, so templates, prepared data and the service
+`collaborative`, `semantic`). Texts keep saying `item_17` in every mode, so templates, prepared data and the service
 stay mode-agnostic; only this class turns an item word into tokens. A tokenizer directory holds
 `spiece.model` and, unless the mode is `digits`, `items.json` (`Tokenizer.save` / `Tokenizer.load`).
 """
@@ -75,7 +75,7 @@ class Tokenizer:
 
     @property
     def item_mode(self) -> str:
-        """`digits`, `token` or `collaborative`."""
+        """`digits`, `token`, `collaborative` or `semantic`."""
         return self.items.mode
 
     @property
@@ -84,7 +84,7 @@ class Tokenizer:
         return self.item_offset + self.items.num_tokens if self.items.num_tokens else self.sp_size
 
     def item_tokens(self, item: int) -> list[int]:
-        """The extra-vocabulary tokens of an item (token/collaborative modes; KeyError for unknown items)."""
+        """The extra-vocabulary tokens of an item (token/collaborative/semantic modes; KeyError for unknown items)."""
         try:
             return self._item_ids[item]
         except KeyError:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
 TOL = 1e-3  # the export's SCORE_TOLERANCE: fp32 on two devices differs by float rounding only
 
 
-@pytest.fixture(scope="module", params=["token", "digits", "collaborative"])
+@pytest.fixture(scope="module", params=["token", "digits", "collaborative", "semantic"])
 def cuda_run(request, tmp_path_factory):
     from training.data.synth import write_synthetic
 

@@ -1,4 +1,4 @@
-"""Multi-token item IDs (digits, collaborative): the beam search on the model's device (`pod.device_search`,
+"""Multi-token item IDs (digits, collaborative, semantic): the beam search on the model's device (`pod.device_search`,
 what a GPU runs) must return the lists of the NumPy reference (`pod.decoding.beam_search`) up to ties, for
 both normalizers, per-row exclusions, top-N candidate tries and any beam count; and it must build and use its
 trie tensors on the model's device (checked on `meta`, as tests/test_devices.py checks the graphs)."""
@@ -24,12 +24,15 @@ from tests.test_devices import META, OneDevice
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["digits", "collaborative"])
+EXTRA = {"collaborative": dict(item_clusters=4, item_leaf_size=16), "semantic": dict(item_codebook=8)}
+
+
+@pytest.fixture(scope="module", params=["digits", "collaborative", "semantic"])
 def item_runtime(request, small_synth, tmp_path_factory):
     from training.train import TrainConfig, check_config, tokenizer_for
 
     data = PreparedData.load(small_synth)
-    extra = dict(item_clusters=4, item_leaf_size=16) if request.param == "collaborative" else {}
+    extra = EXTRA.get(request.param, {})
     cfg = check_config(TrainConfig(data=str(small_synth), out="unused", item_ids=request.param, **extra), data)
     tok = tokenizer_for(cfg, data, tmp_path_factory.mktemp("tok"))
     torch.manual_seed(0)

@@ -229,10 +229,10 @@ def test_parity_passes_a_constructed_near_tie_and_fails_a_perturbed_graph(export
     assert problems and "user" in problems[0]
 
 
-@pytest.mark.parametrize("item_ids", ["digits", "collaborative"])
+@pytest.mark.parametrize("item_ids", ["digits", "collaborative", "semantic"])
 def test_every_item_mode_exports_with_parity_and_ranks_from_the_bundle(item_ids, small_synth, tmp_path):
-    """Token mode is the fixtures' model; the paper's digits and the collaborative codes (several tokens per
-    item: a real trie under the beam search) go through training, export parity and the bundle too."""
+    """Token mode is the fixtures' model; the paper's digits and the collaborative and semantic codes (several
+    tokens per item: a real trie under the beam search) go through training, export parity and the bundle too."""
     from training.train import TrainConfig, train
 
     run = tmp_path / "run"
@@ -244,6 +244,8 @@ def test_every_item_mode_exports_with_parity_and_ranks_from_the_bundle(item_ids,
             item_ids=item_ids,
             item_clusters=4,
             item_leaf_size=16,
+            item_levels=3,
+            item_codebook=8,
             batch_size=32,
             lr=1e-3,
             max_steps=60,
@@ -258,6 +260,8 @@ def test_every_item_mode_exports_with_parity_and_ranks_from_the_bundle(item_ids,
     catalog = Catalog.from_bundle(bundle)
     if item_ids == "collaborative":
         assert min(len(t) for t in catalog.item_tokens.values()) >= 3  # clusters, then the unique token, then </s>
+    if item_ids == "semantic":
+        assert {len(t) for t in catalog.item_tokens.values()} == {5}  # 3 levels, the unique token, </s>
     rec = Recommender(OnnxRuntime(bundle), catalog)
     data = PreparedData.load(small_synth)
     from pod.recommender import SequentialJob, TopNJob

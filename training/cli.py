@@ -37,6 +37,8 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "precision": "auto",
     "item_clusters": 16,
     "item_leaf_size": 64,
+    "item_levels": 3,
+    "item_codebook": 32,
     "sequential_samples": "all",
     "topn_samples": "one",
     "select_by": "auto",
@@ -178,7 +180,7 @@ def _item_ids_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--item-ids",
         default="token",
-        choices=["digits", "token", "collaborative"],
+        choices=["digits", "token", "collaborative", "semantic"],
         help="how `pod train` writes items unless told otherwise (manifest item_ids; digits is the paper's "
         "form); the split is the same",
     )
@@ -278,9 +280,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     tr.add_argument(
         "--item-ids",
         dest="item_ids",
-        choices=["digits", "token", "collaborative"],
-        help="items as digit pieces (paper), one token each, or collaborative cluster codes "
-        "(default: the data's manifest item_ids, else digits)",
+        choices=["digits", "token", "collaborative", "semantic"],
+        help="items as digit pieces (paper), one token each, collaborative cluster codes, or semantic "
+        "(residual k-means) codes (default: the data's manifest item_ids, else digits)",
     )
     tr.add_argument(
         "--item-clusters",
@@ -290,6 +292,15 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     tr.add_argument(
         "--item-leaf-size", type=int, dest="item_leaf_size", help=f"collaborative: largest leaf {d('item_leaf_size')}"
+    )
+    tr.add_argument(
+        "--item-levels",
+        type=int,
+        dest="item_levels",
+        help=f"semantic: residual k-means levels, before the disambiguation token {d('item_levels')}",
+    )
+    tr.add_argument(
+        "--item-codebook", type=int, dest="item_codebook", help=f"semantic: codes per level {d('item_codebook')}"
     )
     tr.add_argument(
         "--sequential-samples",

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from pod import TASKS, templates
 from pod.dataset import PreparedData
 from pod.ids import item_token, user_token
-from pod.items import DEFAULT_CLUSTERS, DEFAULT_LEAF_SIZE, ITEM_MODES, ItemIndex
+from pod.items import DEFAULT_CLUSTERS, DEFAULT_CODEBOOK, DEFAULT_LEAF_SIZE, DEFAULT_LEVELS, ITEM_MODES, ItemIndex
 from pod.model import PODModel, build_model, load_checkpoint, save_checkpoint
 from pod.tokenization import Tokenizer, train_sentencepiece
 from training.samples import (
@@ -58,9 +58,12 @@ class TrainConfig:
     backbone: str | None = None
     tokenizer: str | None = None  # a spiece.model; default: the backbone's, else one trained on the data
     vocab_size: int = 800
-    item_ids: str | None = None  # digits | token | collaborative; None: the prepared data's `item_ids`, else digits
+    # digits | token | collaborative | semantic; None: the prepared data's `item_ids`, else digits
+    item_ids: str | None = None
     item_clusters: int = DEFAULT_CLUSTERS  # collaborative: clusters per level
     item_leaf_size: int = DEFAULT_LEAF_SIZE  # collaborative: largest leaf cluster
+    item_levels: int = DEFAULT_LEVELS  # semantic: residual k-means levels (then one disambiguation token)
+    item_codebook: int = DEFAULT_CODEBOOK  # semantic: codes per level
     # one: a random segment per user per epoch (paper); all: every prefix; causal: every prefix in one pass per
     # user, with the history read causally (token ids)
     sequential_samples: str = "all"
@@ -129,7 +132,7 @@ def check_config(cfg: TrainConfig, data: PreparedData) -> TrainConfig:
 
 
 def item_index_for(cfg: TrainConfig, data: PreparedData) -> ItemIndex:
-    """The item index of the run; collaborative codes come from the training split only (no leak)."""
+    """The item index of the run; collaborative and semantic codes come from the training split only (no leak)."""
     if cfg.item_ids == "token":
         return ItemIndex.token(data.items)
     if cfg.item_ids == "collaborative":
@@ -138,6 +141,14 @@ def item_index_for(cfg: TrainConfig, data: PreparedData) -> ItemIndex:
             data.items,
             clusters=cfg.item_clusters,
             leaf_size=cfg.item_leaf_size,
+            seed=cfg.seed,
+        )
+    if cfg.item_ids == "semantic":
+        return ItemIndex.semantic(
+            (data.train_items(u) for u in data.users),
+            data.items,
+            levels=cfg.item_levels,
+            codebook=cfg.item_codebook,
             seed=cfg.seed,
         )
     return ItemIndex.digits()

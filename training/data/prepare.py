@@ -8,8 +8,8 @@ Splits follow the paper: leave-one-out for sequential and top-N (implied by the 
 - `random`: a seeded permutation, leak-free.
 
 The manifest also records `item_ids`, how `pod train` writes items unless told otherwise (`digits`,
-`token`, `collaborative`; see `pod.items`). It changes nothing in the files: the leave-one-out split and the
-negatives are the same in every mode, so one prepared directory serves an ablation over all three.
+`token`, `collaborative`, `semantic`; see `pod.items`). It changes nothing in the files: the leave-one-out split
+and the negatives are the same in every mode, so one prepared directory serves an ablation over all four.
 """
 
 from __future__ import annotations
