@@ -271,3 +271,22 @@ def test_training_precision_is_fp32_unless_bf16_is_asked_for():
         assert not autocast(TrainConfig(data="d", out="o"), torch.device(device))._enabled
     # (on a machine without CUDA torch turns a CUDA autocast off by itself, so the opt-in is checked on the CPU)
     assert autocast(TrainConfig(data="d", out="o", precision="bf16"), torch.device("cpu"))._enabled
+
+
+def test_a_decaying_schedule_ends_with_the_time_box_when_that_comes_first():
+    from training.train import TrainConfig, lr_lambda
+
+    clock = {"s": 0.0}
+    boxed = TrainConfig(data="d", out="o", schedule="linear", max_minutes=10, warmup_steps=0)
+    factor = lr_lambda(boxed, total_steps=100_000, elapsed_s=lambda: clock["s"])
+    assert factor(10) == pytest.approx(1.0 - 10 / 100_000)  # early: the step horizon
+    clock["s"] = 300.0
+    assert factor(10) == pytest.approx(0.5)  # half the box gone: half the decay
+    clock["s"] = 900.0
+    assert factor(10) == 0.0
+    cosine = lr_lambda(TrainConfig(data="d", out="o", schedule="cosine", max_minutes=10), 100_000, lambda: 300.0)
+    assert cosine(10) == pytest.approx(0.5, abs=1e-3)
+    steps_only = lr_lambda(TrainConfig(data="d", out="o", schedule="linear"), 1000, lambda: 1e9)
+    assert steps_only(500) == pytest.approx(0.5)  # no time box: time does not count
+    constant = lr_lambda(TrainConfig(data="d", out="o", max_minutes=1), 1000, lambda: 1e9)
+    assert constant(500) == 1.0

@@ -238,7 +238,10 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--warmup-steps", type=int, dest="warmup_steps", help=f"linear LR warm-up steps {d('warmup_steps')}"
     )
     tr.add_argument(
-        "--schedule", choices=["constant", "linear", "cosine"], help=f"LR schedule after warm-up {d('schedule')}"
+        "--schedule",
+        choices=["constant", "linear", "cosine"],
+        help="LR schedule after warm-up (linear/cosine decay to 0 by the last epoch or, with --max-minutes, by the "
+        f"end of the time box if that comes first) {d('schedule')}",
     )
     tr.add_argument("--clip", type=float, help=f"gradient norm clip, 0 disables {d('clip')}")
     tr.add_argument("--dropout", type=float, help="dropout rate (default: the preset's)")

@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -174,13 +174,19 @@ def tokenizer_for(cfg: TrainConfig, data: PreparedData, out: Path) -> Tokenizer:
     return Tokenizer(path, items=index)
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int):
+def lr_lambda(cfg: TrainConfig, total_steps: int, elapsed_s: Callable[[], float] | None = None):
+    """LR factor per step: linear warm-up, then constant or a linear/cosine decay to 0 at the horizon. The
+    horizon is `total_steps` or, with `--max-minutes`, the time box when that comes first (`elapsed_s`): a
+    time-boxed run then ends its decay when the box closes instead of stopping while the LR is still high."""
+
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.max_minutes and elapsed_s is not None:
+            progress = max(progress, min(1.0, elapsed_s() / (60 * cfg.max_minutes)))
         return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -460,7 +466,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     total_steps = n_batches * cfg.epochs  # the schedule horizon; --max-steps/--max-minutes only stop early
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    # the time-boxed horizon reads `progress` (rebound on --resume: the closure sees the current one)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, lambda: progress["elapsed_s"]))
 
     progress = {
         "epoch": 0,
