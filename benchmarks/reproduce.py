@@ -48,7 +48,16 @@ DATASETS: dict[str, dict] = {
     "synthetic": {"format": "synth", "source": None, "lr": 1e-3},
 }
 
-RECIPE_FLAGS = ("item_ids", "sequential_samples", "topn_samples", "select_by", "topn_history", "dropout", "init_std")
+RECIPE_FLAGS = (
+    "item_ids",
+    "sequential_samples",
+    "topn_samples",
+    "select_by",
+    "topn_history",
+    "user_ids",
+    "dropout",
+    "init_std",
+)
 RANK_METRICS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10")
 TEXT_METRICS = ("BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L")
 
@@ -274,6 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--topn-samples", choices=["one", "all"], help="default: pod train's (one)")
     ap.add_argument("--select-by", choices=["auto", "loss", "hr10"], help="default: pod train's (auto)")
     ap.add_argument("--topn-history", action=argparse.BooleanOptionalAction, help="default: on unless digits")
+    ap.add_argument("--user-ids", action=argparse.BooleanOptionalAction, help="inputs name the user (default: on)")
     ap.add_argument("--dropout", type=float, help="default: the preset's")
     ap.add_argument("--init-std", type=float, help="random models' embedding init std (default: pod train's)")
     ap.add_argument("--val-limit", type=int, help="validate on at most N users/records per task during training")
