@@ -2,7 +2,8 @@
 # One GPU call (under 9 minutes) for what waits for a GPU in issues 14 and 15; results come back as two files
 # under $OUT: summary.json (every figure) and gpu-session.tar.gz (logs, reports, training logs).
 #
-#   1. CUDA correctness: tests/test_cuda.py (train each item-id mode on CUDA, rank on CUDA as on the CPU).
+#   1. CUDA correctness: tests/test_cuda.py (train each item-id mode on CUDA, rank on CUDA as on the CPU) and
+#      tests/test_static_graphs.py (its CUDA case captures the graphs and compares the lists with the eager path).
 #   2. Issue 14, the recipe on real data: a grid of trainings on Beauty with leak-free random ids, one token per
 #      item, every prefix a sample, run side by side on the one GPU (small models leave it mostly idle), each
 #      time-boxed (TRAIN_MIN), selected by validation HR@10 on VAL_LIMIT users and then evaluated on the full
@@ -13,7 +14,9 @@
 #      the full test split through `pod evaluate` (sequential and top-N),
 #      eval_throughput.py (ours vs HF generate, same lists) at a large batch and at batch 1, and
 #      runtime_latency.py for explanations at batch 1 (t5-small shape, random weights), and device_search.py
-#      (multi-token ids: the search on the card vs the NumPy search on the host, same lists).
+#      (multi-token ids: the search on the card vs the NumPy search on the host, same lists). First in the
+#      stage (so no time box cuts it), issue 15 item 2: batch-1 latency with static shapes and CUDA graphs
+#      (`runtime_latency.py --static`: eager vs static vs CUDA graphs in one run, t5-small shape, token ids).
 #
 # Prove it on a CPU first (about 2 minutes each on 2 cores):
 #   OUT=/tmp/gs DEVICE=cpu DATA=data/synthetic TRAIN_MIN=0.3 VAL_LIMIT=50 EVAL_LIMIT=100 THREADS=1 \
@@ -63,7 +66,7 @@ git rev-parse HEAD >>"$WORK/env.log" 2>&1
 if want tests; then
     stamp "1. CUDA correctness"
     POD_TEST_DEVICE=$DEVICE timeout "$(box 150)" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-        tests/test_one_step.py 2>&1 | tail -30 >"$WORK/test_cuda.log"
+        tests/test_one_step.py tests/test_static_graphs.py 2>&1 | tail -30 >"$WORK/test_cuda.log"
     tail -3 "$WORK/test_cuda.log"
 fi
 
@@ -95,6 +98,8 @@ timed() {  # name, cap seconds, command...
 }
 
 if want speed; then
+    timed latency_static 90 $PY benchmarks/runtime_latency.py --device "$DEVICE" --shapes "$SHAPES" --task sequential \
+        --item-ids token --requests 30 --warmup 5 --rounds 1 --static --out "$WORK/latency_static.json"
     BEST=$($PY - "$WORK" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -152,7 +157,8 @@ for entry in sorted(work.glob("g*.entry")):
     row["train_log_tail"] = log.read_text().splitlines()[-40:] if log.is_file() else []
     row["log_tail"] = (work / f"{name}.log").read_text()[-2500:] if (work / f"{name}.log").is_file() else ""
     summary["grid"][name] = row
-for name in ("speed_train", "eval_sequential", "eval_topn", "throughput", "batch1", "latency_sequential", "latency_explanation"):
+for name in ("speed_train", "eval_sequential", "eval_topn", "throughput", "batch1", "latency_static", "latency_sequential",
+             "latency_explanation"):
     f = work / f"{name}.json"
     summary[name] = json.loads(f.read_text()) if f.is_file() else None
     lf = work / f"{name}.log"

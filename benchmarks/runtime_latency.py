@@ -7,7 +7,12 @@ same model weights everywhere:
 - PyTorch: `TorchRuntime` (encoder once, decoder steps with a KV cache) behind `pod.recommender.Recommender`,
   the code `pod evaluate` and `pod serve` rank with;
 - ONNX fp32 / int8: bundles written by `export_bundle` (quantize none / int8), `OnnxRuntime` behind the same
-  `Recommender` (with the bundle's catalog, as the server loads it).
+  `Recommender` (with the bundle's catalog, as the server loads it);
+- with `--static`: `TorchRuntime(static=True)` (`pod.static_graphs`: inputs padded to buckets, a preallocated
+  KV cache), eager ("PyTorch static shapes"), and on CUDA also replayed as CUDA graphs (`pod.cuda_graphs`,
+  "PyTorch CUDA graphs"). One untimed request per input-length bucket runs first, so graph captures fall
+  outside the timing. On CUDA every row's encode/decode split is host time (launches are asynchronous; the
+  projection's copy to the host waits); the total is what to compare.
 Ours is timed through a wrapped runtime (`TimedRuntime`): the recommender calls it as it calls the real one.
 
 For each model shape (random init: speed does not depend on the weights) it prints p50 and p99 over the timed
@@ -23,6 +28,7 @@ history, or the candidates' trie). The shop's sequences are 16-24 purchases by d
 
     python benchmarks/runtime_latency.py                                        # tiny + t5-small, 50 requests
     python benchmarks/runtime_latency.py --shapes tiny --requests 20 --threads 2 --out r.json
+    python benchmarks/runtime_latency.py --device cuda --shapes t5-small --item-ids token --static   # + graphs
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from pod.recommender import (  # noqa: E402
     SequentialJob,
     TopNJob,
 )
+from pod.static_graphs import LENGTH_BUCKET_MIN, bucket  # noqa: E402
 from pod.tokenization import EOS_ID  # noqa: E402
 from pod.torch_runtime import TorchRuntime, encode_batch  # noqa: E402
 from training.data.prepare import prepare  # noqa: E402
@@ -80,6 +87,8 @@ NAMES = {
     "torch": "PyTorch runtime + POD beam search",
     "onnx-fp32": "ONNX Runtime fp32 + POD beam search",
     "onnx-int8": "ONNX Runtime int8 + POD beam search",
+    "torch-static": "PyTorch static shapes + POD beam search",
+    "torch-graphs": "PyTorch CUDA graphs + POD beam search",
 }
 
 
@@ -352,6 +361,17 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
     runners["torch"] = ours(rec, task)
     if task != "explanation":
         runners["torch-allowed"] = ours(recommender(torch_rt, catalog, task, b, "allowed"), task)
+    if args.static:  # same model; captures (CUDA) happen on first use of a shape, so one request per bucket first
+        first_of_bucket = {}
+        for job in requests:
+            length = len(tok.encode_input(job_input(rec, task, job)[0])[0])
+            first_of_bucket.setdefault(bucket(length, LENGTH_BUCKET_MIN), job)
+        kinds = {"torch-static": False, **({"torch-graphs": True} if args.device == "cuda" else {})}
+        for key, graphs in kinds.items():
+            static_rt = TorchRuntime(model, tok, args.device, static=True, cuda_graphs=graphs)
+            runners[key] = ours(recommender(static_rt, catalog, task, b), task)
+            for job in first_of_bucket.values():
+                runners[key](job)
     if args.device == "cpu":
         for name in ("fp32", "int8"):  # each bundle behind its own catalog, as `pod serve` loads it
             bundle = Bundle.load(work / f"bundle-{'none' if name == 'fp32' else name}")
@@ -381,6 +401,8 @@ def bench_shape(preset, data, data_dir, tok, requests, args, tmp: Path) -> dict:
             float(np.mean([len(set(a) & set(b)) / TOP for a, b in pairs])) if task != "explanation" else float("nan")
         )
         r["speedup_vs_hf_p50"] = results["hf"]["p50_ms"] / r["p50_ms"]
+        if key in ("torch-static", "torch-graphs"):  # the same model and search: lists should match (up to ties)
+            r["identical_top10_vs_torch"] = sum(a == c for a, c in zip(lists["torch"], lists[key])) / len(pairs)
     cfg = model.t5.config
     return {
         "model": {
@@ -421,6 +443,9 @@ def print_table(
             f"{r['median_decode_ms']:>7.1f} {r['median_search_ms']:>7.1f} {r['median_steps']:>5.0f} "
             f"{100 * r['identical_top10_vs_hf']:>7.0f}% {r['speedup_vs_hf_p50']:>18.2f}x"
         )
+    for name, r in res["runtimes"].items():
+        if "identical_top10_vs_torch" in r:
+            print(f"{name}: the same output as the eager PyTorch runtime for {r['identical_top10_vs_torch']:.0%}")
     if res["other_processes_busy_cores"] is not None:
         others = res["other_processes_busy_cores"]
         note = " (WARNING: a shared machine; latencies inflated, torch's most)" if others > 0.25 else ""
@@ -442,6 +467,11 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: HF and PyTorch only")
     ap.add_argument("--task", choices=["sequential", "topn", "explanation"], default="sequential")
+    ap.add_argument(
+        "--static",
+        action="store_true",
+        help="also time TorchRuntime(static=True): static shapes, eager, and on CUDA replayed as CUDA graphs",
+    )
     ap.add_argument(
         "--tokenizer",
         default="auto",

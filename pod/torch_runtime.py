@@ -4,6 +4,11 @@ It knows the model and tensors, nothing of HTTP or of how beams are chosen: `sta
 (cross-attention keys/values included, one copy per request) and returns a session whose `advance()` and
 `project()` the beam search drives with NumPy arrays. Logits of only the requested columns, and the
 log-normalizer, are computed on the model's device, so a GPU never ships a full vocabulary row to the host.
+
+`TorchRuntime(..., static=True)` (off by default) runs the same computation on fixed shapes and preallocated
+buffers (`pod.static_graphs`: inputs padded to length / batch / rows buckets, a static KV cache updated in place)
+and, on CUDA, replays it as CUDA graphs (`pod.cuda_graphs`), for batch-1 latency; its sessions
+(`StaticSession`) offer the same interface.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import numpy as np
 import torch
 
 from pod import device_search
+from pod.cuda_graphs import CudaGraphRunner
 from pod.decoding import Constraint, Hypothesis, ProjectedSession, Trie
 from pod.graphs import DecoderStepGraph, EncoderGraph
 from pod.model import PODModel
+from pod.static_graphs import StaticDecode, StaticRunner
 from pod.tokenization import Tokenizer
 
 
@@ -124,10 +131,33 @@ class TorchSession(ProjectedSession):
         )
 
 
+class StaticSession(TorchSession):
+    """A `TorchSession` whose decoder steps run on a runner's static buffers (`pod.static_graphs.StaticDecode`):
+    the same `advance` contract (rows request-major, any count per call, `parents` None restarts), and what it
+    returns is read before the next `advance` (it may be a view of the step's output buffer). Only the newest
+    session of a runtime may advance (the buffers are shared); projection, `top_columns` and
+    `constrained_search` are `TorchSession`'s."""
+
+    def __init__(self, rt: TorchRuntime, decode: StaticDecode) -> None:
+        super().__init__(rt, decode.source.cross_kv, decode.source.mask)
+        self.decode = decode
+
+    def advance(self, tokens: np.ndarray | torch.Tensor, parents: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+        return self.decode.advance(tokens, parents)  # in inference mode, as TorchSession.advance
+
+
 class TorchRuntime:
     def __init__(
-        self, model: PODModel, tokenizer: Tokenizer, device: str | torch.device = "cpu", bf16: bool = False
+        self,
+        model: PODModel,
+        tokenizer: Tokenizer,
+        device: str | torch.device = "cpu",
+        bf16: bool = False,
+        static: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
+        """`static`: fixed-shape buffers (`pod.static_graphs`), captured as CUDA graphs on a CUDA device unless
+        `cuda_graphs` is False (static shapes alone, to tell the two effects apart); off: the eager graphs."""
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.topn_history = model.config.topn_history
@@ -137,6 +167,9 @@ class TorchRuntime:
         self.bf16 = bf16 and self.device.type == "cuda"
         self.decoder = DecoderStepGraph(self.model).eval()
         self._encoders: dict[tuple[str, bool], EncoderGraph] = {}
+        self.runner: StaticRunner | None = None
+        if static:
+            self.runner = CudaGraphRunner(self.model, self.bf16) if cuda_graphs else StaticRunner(self.model, self.bf16)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -145,6 +178,12 @@ class TorchRuntime:
     def start(self, task: str, texts: list[str], use_prompts: bool = True) -> TorchSession:
         """Encode once per request; every beam of a request shares its cross-attention keys/values (the
         session serves any number of rows per request)."""
+        if self.runner is not None:
+            arrays = self.tokenizer.encode_batch(texts)
+            decode = self.runner.start(
+                task, use_prompts, arrays["input_ids"], arrays["whole_word_ids"], arrays["attention_mask"]
+            )
+            return StaticSession(self, decode)
         key = (task, use_prompts)
         if key not in self._encoders:
             self._encoders[key] = EncoderGraph(self.model, task, use_prompts).eval()
