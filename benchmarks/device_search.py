@@ -29,13 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.workbench import bench_data, resolve_device  # noqa: E402
 from export.export import same_up_to_ties  # noqa: E402
-from pod.dataset import PreparedData  # noqa: E402
 from pod.decoding import ProjectedSession  # noqa: E402
 from pod.model import build_model, load_checkpoint  # noqa: E402
 from pod.recommender import Catalog, DecodingConfig, Recommender, SequentialJob, sample_users  # noqa: E402
 from pod.torch_runtime import TorchRuntime, TorchSession  # noqa: E402
-from training.data.synth import write_synthetic  # noqa: E402
 from training.evaluate import run_batched  # noqa: E402
 from training.train import TrainConfig, tokenizer_for  # noqa: E402
 
@@ -80,16 +79,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per side, alternating; the best is kept")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    dev = (
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    dev = resolve_device(args.device)
     tmp = Path(tempfile.mkdtemp())
-    data_dir = Path(args.data) if args.data else tmp / "synth"
-    if not args.data:
-        write_synthetic(data_dir, users=args.shop_users, items=args.shop_items)
-    data = PreparedData.load(data_dir)
+    data_dir, data = bench_data(args.data, tmp, users=args.shop_users, items=args.shop_items)
     if args.checkpoint:
         model, tok, _ = load_checkpoint(args.checkpoint, dev)
     else:

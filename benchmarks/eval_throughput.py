@@ -32,11 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hf_baseline import allowed_tokens, generate_inputs, item_list, new_tokens  # noqa: E402
-from pod.dataset import PreparedData  # noqa: E402
+from benchmarks.workbench import bench_data, resolve_device  # noqa: E402
 from pod.model import build_model, load_checkpoint  # noqa: E402
 from pod.recommender import Catalog, DecodingConfig, Recommender, SequentialJob, by_length, sample_users  # noqa: E402
 from pod.torch_runtime import TorchRuntime, encode_batch  # noqa: E402
-from training.data.synth import write_synthetic  # noqa: E402
 from training.evaluate import run_batched  # noqa: E402
 
 TOP = 10
@@ -120,16 +119,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out")
     args = ap.parse_args()
-    dev = (
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    dev = resolve_device(args.device)
     tmp = Path(tempfile.mkdtemp())
-    data_dir = Path(args.data) if args.data else tmp / "synth"
-    if not args.data:
-        write_synthetic(data_dir)
-    data = PreparedData.load(data_dir)
+    data_dir, data = bench_data(args.data, tmp)
     if args.checkpoint:
         model, tok, _ = load_checkpoint(args.checkpoint, dev)
     else:

@@ -26,9 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pod.dataset import PreparedData  # noqa: E402
+from benchmarks.workbench import bench_data, resolve_device  # noqa: E402
 from pod.model import build_model  # noqa: E402
-from training.data.synth import write_synthetic  # noqa: E402
 from training.samples import Sample, collate, epoch_samples, make_batches  # noqa: E402
 from training.train import TrainConfig, autocast, tokenizer_for  # noqa: E402
 
@@ -110,16 +109,9 @@ def main() -> None:
     ap.add_argument("--out", help="write the JSON report here")
     args = ap.parse_args()
 
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = torch.device(resolve_device(args.device))
     tmp = Path(tempfile.mkdtemp())
-    data_dir = Path(args.data) if args.data else tmp / "synth"
-    if not args.data:
-        write_synthetic(data_dir, users=args.users, items=max(300, args.users // 4))
-    data = PreparedData.load(data_dir)
+    data_dir, data = bench_data(args.data, tmp, users=args.users, items=max(300, args.users // 4))
     cfg = TrainConfig(data=str(data_dir), out=str(tmp), preset=args.preset)
     tok = tokenizer_for(cfg, data, tmp)
     torch.manual_seed(0)
