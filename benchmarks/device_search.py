@@ -31,30 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workbench import bench_data, resolve_device  # noqa: E402
 from export.export import same_up_to_ties  # noqa: E402
-from pod.decoding import ProjectedSession  # noqa: E402
 from pod.model import build_model, load_checkpoint  # noqa: E402
 from pod.recommender import Catalog, DecodingConfig, Recommender, SequentialJob, sample_users  # noqa: E402
-from pod.torch_runtime import TorchRuntime, TorchSession  # noqa: E402
+from pod.torch_runtime import HostSearch, TorchRuntime  # noqa: E402
 from training.evaluate import run_batched  # noqa: E402
 from training.train import TrainConfig, tokenizer_for  # noqa: E402
 
 TOP = 10
-
-
-class HostSearch:
-    """The same runtime whose sessions offer only the decoder step: the recommender runs the NumPy search."""
-
-    def __init__(self, rt: TorchRuntime) -> None:
-        self.rt, self.tokenizer, self.topn_history, self.user_ids = rt, rt.tokenizer, rt.topn_history, rt.user_ids
-        self.tasks = rt.tasks
-
-    def start(self, task: str, texts: list[str]) -> ProjectedSession:
-        return StepOnly(self.rt.start(task, texts))
-
-
-class StepOnly(ProjectedSession):
-    def __init__(self, session: TorchSession) -> None:
-        self.advance, self.project = session.advance, session.project
 
 
 def sync(dev: str) -> None:

@@ -191,3 +191,22 @@ class TorchRuntime:
         with self.autocast():
             cross_kv, mask = self._encoders[key](batch["input_ids"], batch["whole_word_ids"], batch["attention_mask"])
         return TorchSession(self, cross_kv, mask)
+
+
+class StepOnlySession(ProjectedSession):
+    """A session's decoder step and projection only (no `top_columns`, no `constrained_search`)."""
+
+    def __init__(self, session: ProjectedSession) -> None:
+        self.advance, self.project = session.advance, session.project
+
+
+class HostSearch:
+    """The same runtime whose sessions offer only the decoder step, so a recommender on it runs the NumPy search
+    on the host (the reference, as for ONNX): what the device search is tested and timed against."""
+
+    def __init__(self, rt: TorchRuntime) -> None:
+        self.rt, self.tokenizer, self.topn_history, self.user_ids = rt, rt.tokenizer, rt.topn_history, rt.user_ids
+        self.tasks = rt.tasks
+
+    def start(self, task: str, texts: list[str]) -> StepOnlySession:
+        return StepOnlySession(self.rt.start(task, texts))

@@ -14,11 +14,11 @@ import torch
 from export.export import same_up_to_ties
 from pod import device_search
 from pod.dataset import PreparedData
-from pod.decoding import ProjectedSession, Trie, beam_search
+from pod.decoding import Trie, beam_search
 from pod.model import PODConfig, PODModel, build_model, t5_config
 from pod.recommender import Catalog, DecodingConfig, Recommender, SequentialJob, TopNJob
 from pod.tokenization import EOS_ID
-from pod.torch_runtime import TorchRuntime, TorchSession
+from pod.torch_runtime import HostSearch, TorchRuntime, TorchSession
 from tests.test_devices import META, OneDevice
 
 TOL = 1e-5
@@ -128,23 +128,6 @@ def test_topn_candidate_tries_map_onto_the_catalog_trie(item_runtime):
         assert_same(ref, got)
         for c, row in zip(cands, got):
             assert {h.value for h in row} <= set(c[1:])
-
-
-class HostSearch:
-    """The same PyTorch runtime, its sessions offering only the decoder step: the recommender then runs the
-    NumPy search, the reference (as it does for ONNX)."""
-
-    def __init__(self, rt: TorchRuntime) -> None:
-        self.rt, self.tokenizer, self.topn_history, self.user_ids = rt, rt.tokenizer, rt.topn_history, rt.user_ids
-        self.tasks = rt.tasks
-
-    def start(self, task: str, texts: list[str]) -> ProjectedSession:
-        return StepOnly(self.rt.start(task, texts))
-
-
-class StepOnly(ProjectedSession):
-    def __init__(self, session: TorchSession) -> None:
-        self.advance, self.project = session.advance, session.project
 
 
 @pytest.mark.parametrize("normalizer", ["exact", "allowed"])
