@@ -132,6 +132,11 @@ class PODModel(nn.Module):
         visible = mask.bool() & (is_item | (step == 0) | ~rows[:, None])
         return step, visible, rows
 
+    @staticmethod
+    def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A boolean `[batch, query, key]` mask as the additive `[batch, 1, query, key]` one attention adds."""
+        return ((~allowed).to(dtype) * torch.finfo(dtype).min)[:, None]
+
     def causal(self) -> bool:
         return self.config.causal_items_from is not None and "sequential" in self.config.tasks
 
@@ -147,14 +152,19 @@ class PODModel(nn.Module):
 
         On a causal-history model's sequential rows, a position reads the visible keys with no more items
         before them than itself (`_history`), so words read words and an item the items up to itself."""
+        hidden, mask, _ = self._encode(task_index, input_ids, whole_word_ids, attention_mask, use_prompts)
+        return hidden, mask
+
+    def _encode(self, task_index, input_ids, whole_word_ids, attention_mask, use_prompts=True):
+        """`encode` plus, on a causal-history model, each position's item count (`_history`'s `step`)."""
         embeds, mask = self.embed(task_index, input_ids, whole_word_ids, attention_mask, use_prompts)
         if not self.causal():
-            return self.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
+            return self.t5.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask, None
         step, visible, rows = self._history(task_index, input_ids, mask)
         allowed = visible[:, None, :] & ((step[:, None, :] <= step[:, :, None]) | ~rows[:, None, None])
-        additive = ((~allowed).to(embeds.dtype) * torch.finfo(embeds.dtype).min)[:, None]
-        hidden = self.t5.get_encoder()(inputs_embeds=embeds, attention_mask=additive).last_hidden_state
-        return hidden, visible.to(mask.dtype)
+        encoder = self.t5.get_encoder()
+        hidden = encoder(inputs_embeds=embeds, attention_mask=self._additive(allowed, embeds.dtype)).last_hidden_state
+        return hidden, visible.to(mask.dtype), step
 
     def forward(
         self, task_index, input_ids, whole_word_ids, attention_mask, labels=None, next_items=None
@@ -173,17 +183,17 @@ class PODModel(nn.Module):
         independent first steps run as one decoder pass whose queries each see the states up to their item."""
         if not self.causal():
             raise ValueError("next-item states need a causal-history model (--sequential-samples causal)")
-        hidden, visible = self.encode(task_index, input_ids, whole_word_ids, attention_mask)
-        dtype, device = hidden.dtype, hidden.device
-        step, _, _ = self._history(task_index, input_ids, visible)
+        hidden, visible, step = self._encode(task_index, input_ids, whole_word_ids, attention_mask)
+        batch, dtype, device = hidden.shape[0], hidden.dtype, hidden.device
         after = torch.arange(1, rows + 1, device=device)
         sees = visible.bool()[:, None, :] & (step[:, None, :] <= after[None, :, None])  # [batch, rows, source]
-        cross = ((~sees).to(dtype) * torch.finfo(dtype).min)[:, None]
-        alone = ~torch.eye(rows, dtype=torch.bool, device=device)
-        self_mask = (alone.to(dtype) * torch.finfo(dtype).min).expand(hidden.shape[0], 1, rows, rows)
-        start = torch.full((hidden.shape[0], rows), self.t5.config.decoder_start_token_id, device=device)
+        own = torch.eye(rows, dtype=torch.bool, device=device).expand(batch, rows, rows)  # a first step sees itself
+        start = torch.full((batch, rows), self.t5.config.decoder_start_token_id, device=device)
         out = self.t5.get_decoder()(
-            input_ids=start, attention_mask=self_mask, encoder_hidden_states=hidden, encoder_attention_mask=cross
+            input_ids=start,
+            attention_mask=self._additive(own, dtype),
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=self._additive(sees, dtype),
         ).last_hidden_state
         return out * self.t5.config.d_model**-0.5 if self.t5.config.tie_word_embeddings else out
 

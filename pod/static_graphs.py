@@ -71,9 +71,8 @@ class SourceBuffers:
     def __init__(self, model: PODModel, batch: int, source: int, dtype: torch.dtype) -> None:
         cfg = model.t5.config
         device = model.t5.get_input_embeddings().weight.device
-        self.cross_kv = torch.zeros(
-            cfg.num_decoder_layers, 2, batch, cfg.num_heads, source, cfg.d_kv, dtype=dtype, device=device
-        )
+        shape = (cfg.num_decoder_layers, 2, batch, cfg.num_heads, source, cfg.d_kv)
+        self.cross_kv = torch.zeros(shape, dtype=dtype, device=device)
         self.mask = torch.zeros(batch, source, dtype=torch.long, device=device)
 
     @property
@@ -136,9 +135,8 @@ class StaticDecoderStep:
         self.batch, self.rows_per_request, self.steps = source.batch, rows_per_request, steps
         rows = self.batch * rows_per_request
         device, dtype = source.mask.device, source.cross_kv.dtype
-        self.cache = torch.zeros(
-            2, cfg.num_decoder_layers, 2, rows, cfg.num_heads, steps, cfg.d_kv, dtype=dtype, device=device
-        )
+        shape = (2, cfg.num_decoder_layers, 2, rows, cfg.num_heads, steps, cfg.d_kv)
+        self.cache = torch.zeros(shape, dtype=dtype, device=device)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.parents = torch.arange(rows, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)

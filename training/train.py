@@ -232,7 +232,7 @@ def validate(
                 result = model.t5(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, labels=batch["labels"])
             loss = result.loss
             n = (batch["labels"] != -100).sum()
-            if task == "sequential" and model.config.causal_items_from is not None:
+            if task == "sequential" and model.causal():
                 # what a causal model learns: the next item among items (it is never taught the `</s>` after it)
                 first = model.config.causal_items_from
                 loss = F.cross_entropy(result.logits[:, 0, first:].float(), batch["labels"][:, 0] - first)
