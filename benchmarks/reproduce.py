@@ -56,6 +56,8 @@ RECIPE_FLAGS = (
     "topn_history",
     "user_ids",
     "dropout",
+    "label_smoothing",
+    "weight_decay",
     "init_std",
 )
 RANK_METRICS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10")
@@ -285,6 +287,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--topn-history", action=argparse.BooleanOptionalAction, help="default: on unless digits")
     ap.add_argument("--user-ids", action=argparse.BooleanOptionalAction, help="inputs name the user (default: on)")
     ap.add_argument("--dropout", type=float, help="default: the preset's")
+    ap.add_argument("--label-smoothing", type=float, help="default: pod train's (0)")
+    ap.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: pod train's)")
     ap.add_argument("--init-std", type=float, help="random models' embedding init std (default: pod train's)")
     ap.add_argument("--val-limit", type=int, help="validate on at most N users/records per task during training")
     ap.add_argument("--checkpoint", type=Path, help="evaluate this run/checkpoint instead of training")

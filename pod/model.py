@@ -167,14 +167,30 @@ class PODModel(nn.Module):
         return hidden, visible.to(mask.dtype), step
 
     def forward(
-        self, task_index, input_ids, whole_word_ids, attention_mask, labels=None, next_items=None
+        self,
+        task_index,
+        input_ids,
+        whole_word_ids,
+        attention_mask,
+        labels=None,
+        next_items=None,
+        label_smoothing: float = 0.0,
     ) -> torch.Tensor:
         """Mean token NLL over the non-padding target tokens (`labels` padded with -100), or with `next_items`
-        the mean next-item NLL of `next_item_loss`."""
+        the mean next-item NLL of `next_item_loss`. `label_smoothing` (training only) moves that share of each
+        target's mass evenly onto the other classes: a brake on the overconfidence that makes validation NLL
+        rise while the ranking still improves."""
         if next_items is not None:
-            return self.next_item_loss(task_index, input_ids, whole_word_ids, attention_mask, next_items)
+            return self.next_item_loss(
+                task_index, input_ids, whole_word_ids, attention_mask, next_items, label_smoothing
+            )
         hidden, mask = self.encode(task_index, input_ids, whole_word_ids, attention_mask)
-        return self.t5(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, labels=labels).loss
+        out = self.t5(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, labels=labels)
+        if not label_smoothing:
+            return out.loss
+        return nn.functional.cross_entropy(
+            out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=label_smoothing
+        )
 
     def next_item_states(self, task_index, input_ids, whole_word_ids, attention_mask, rows: int) -> torch.Tensor:
         """Output states `[batch, rows, d_model]` (scaled for the tied output matrix) after each of the first
@@ -197,7 +213,9 @@ class PODModel(nn.Module):
         ).last_hidden_state
         return out * self.t5.config.d_model**-0.5 if self.t5.config.tie_word_embeddings else out
 
-    def next_item_loss(self, task_index, input_ids, whole_word_ids, attention_mask, next_items) -> torch.Tensor:
+    def next_item_loss(
+        self, task_index, input_ids, whole_word_ids, attention_mask, next_items, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
         """Mean NLL of every next item of causal-history inputs (`next_items[b, r]`: the token of the item
         after the (r+1)-th input item, -100 where none), normalized over the item tokens only: a one-step
         top-k ranks items among items, and the words' rows of the output matrix are spared."""
@@ -205,7 +223,7 @@ class PODModel(nn.Module):
         keep = next_items >= 0
         first = self.config.causal_items_from
         logits = states[keep] @ self.t5.lm_head.weight[first:].t()
-        return nn.functional.cross_entropy(logits.float(), next_items[keep] - first)
+        return nn.functional.cross_entropy(logits.float(), next_items[keep] - first, label_smoothing=label_smoothing)
 
     def logits(self, task_index, input_ids, whole_word_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
         hidden, mask = self.encode(task_index, input_ids, whole_word_ids, attention_mask)

@@ -120,6 +120,37 @@ def test_collate_gives_next_item_tokens_and_the_loss_is_the_rows_mean(causal, sm
     logits = states[keep] @ model.t5.lm_head.weight[tok.item_offset :].t()
     expected = torch.nn.functional.cross_entropy(logits, batch["next_items"][keep] - tok.item_offset)
     assert torch.allclose(loss, expected, atol=1e-5)
+    # label smoothing: (1 - e) of the target's NLL plus e of the mean NLL over the items
+    e = 0.1
+    with torch.no_grad():
+        smoothed = model(**batch, label_smoothing=e)
+    logp = logits.log_softmax(-1)
+    target = logp.gather(1, (batch["next_items"][keep] - tok.item_offset)[:, None])[:, 0]
+    assert torch.allclose(smoothed, -((1 - e) * target + e * logp.mean(-1)).mean(), atol=1e-5)
+
+
+def test_label_smoothing_smooths_the_token_loss_too_and_rejects_nonsense(causal, small_synth):
+    from training.train import TrainConfig, check_config
+
+    model, tok = causal
+    data = PreparedData.load(small_synth)
+    ids, ww = tok.encode_input("user_7 item_3 item_9")
+    x = dict(
+        task_index=torch.tensor([model.config.task_index("explanation")]),
+        input_ids=torch.tensor([ids]),
+        whole_word_ids=torch.tensor([ww]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    )
+    labels = torch.tensor([[5, 9, 1, -100]])
+    with torch.no_grad():
+        plain, smoothed = model(**x, labels=labels), model(**x, labels=labels, label_smoothing=0.2)
+        logits = model.logits(**x, decoder_input_ids=model.t5._shift_right(labels))
+    manual = torch.nn.functional.cross_entropy(logits[0], labels[0], ignore_index=-100, label_smoothing=0.2)
+    assert torch.allclose(smoothed, manual, atol=1e-5) and not torch.allclose(plain, smoothed)
+    for bad in (-0.1, 1.0):
+        cfg = TrainConfig(data=str(small_synth), out="unused", label_smoothing=bad)
+        with pytest.raises(ValueError, match="--label-smoothing must be in"):
+            check_config(cfg, data)
 
 
 def test_causal_needs_token_ids(small_synth):

@@ -26,6 +26,7 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "eval_batch_size": 128,
     "lr": 5e-4,
     "weight_decay": 0.01,
+    "label_smoothing": 0.0,
     "warmup_steps": 0,
     "schedule": "constant",
     "clip": 1.0,
@@ -245,6 +246,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     tr.add_argument("--clip", type=float, help=f"gradient norm clip, 0 disables {d('clip')}")
     tr.add_argument("--dropout", type=float, help="dropout rate (default: the preset's)")
+    tr.add_argument(
+        "--label-smoothing",
+        type=float,
+        dest="label_smoothing",
+        help=f"share of each target's mass spread over the other classes in the training loss {d('label_smoothing')}",
+    )
     tr.add_argument(
         "--loader-workers",
         type=int,

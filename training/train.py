@@ -89,6 +89,7 @@ class TrainConfig:
     schedule: str = "constant"  # constant | linear | cosine (after warmup)
     clip: float = 1.0
     dropout: float | None = None  # default: the preset's
+    label_smoothing: float = 0.0  # share of each target's mass spread over the other classes (training loss only)
     init_std: float | None = None  # random models: token/whole-word embeddings from N(0, init_std); None: T5's 1.0
     patience: int = 5
     val_limit: int | None = None  # validate on a seeded random sample of this many users/records per task
@@ -128,6 +129,8 @@ def check_config(cfg: TrainConfig, data: PreparedData) -> TrainConfig:
         raise ValueError(f"--select-by must be one of {', '.join(SELECT_BY)}, not {cfg.select_by!r}")
     if cfg.select_by == "hr10" and (cfg.item_ids != "token" or "sequential" not in cfg.tasks):
         raise ValueError("--select-by hr10 needs --item-ids token and the sequential task")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
     return cfg
 
 
@@ -523,7 +526,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         for task, size, tensors in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
             with autocast(cfg, device):
-                loss = ddp(**batch)
+                loss = ddp(**batch, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # the norm before clipping is logged: far above --clip means the clip, not --lr, sets the step size
