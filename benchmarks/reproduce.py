@@ -258,13 +258,13 @@ def write(report: dict, out: Path) -> None:
     (out / "results.md").write_text(markdown(report))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset", choices=sorted(DATASETS), help="music = amazon_musical_instruments (explanations)")
     ap.add_argument("--shared", type=Path, help="the shared folder (default: $POD_SHARED_DIR or ../shared)")
     ap.add_argument("--item-index", choices=["keep", "sequential", "random"], help="default: keep (music: random)")
     ap.add_argument("--data", type=Path, help="an already prepared directory (skips preparation)")
-    ap.add_argument("--preset", default="t5-small", choices=["tiny", "small", "t5-small"])
+    ap.add_argument("--preset", default="t5-small", choices=["mini", "tiny", "small", "t5-small"])
     ap.add_argument(
         "--tasks",
         help="comma-separated subset of explanation,sequential,topn to train and evaluate (default: pod train's "
@@ -307,7 +307,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", type=Path, help="default: runs/repro/DATASET-INDEX")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

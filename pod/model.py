@@ -30,6 +30,9 @@ CHECKPOINT_FORMAT = "pod-checkpoint"
 CHECKPOINT_VERSION = 1
 
 PRESETS: dict[str, dict[str, float]] = {
+    # SASRec's width (d = 64) for large catalogs on a CPU: the full softmax over the items is most of a
+    # training step, so half the width is about twice the epochs in a time box.
+    "mini": dict(d_model=64, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=32, dropout_rate=0.0),
     # Learns the embedded synthetic shop on 2 CPU cores in minutes. No dropout: on a CPU, dropout on the
     # attention probabilities of 500-token top-N inputs costs more than the rest of the step.
     "tiny": dict(d_model=128, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32, dropout_rate=0.0),

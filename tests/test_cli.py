@@ -189,6 +189,18 @@ def test_train_help_shows_train_configs_defaults():
     assert set(TRAIN_DEFAULTS) == {n for n, v in defaults.items() if v is not None and n in flags}
 
 
+def test_preset_choices_are_the_models_presets():
+    """The parser lists the presets by hand (no torch when it is built); this keeps them equal to the model's."""
+    pytest.importorskip("torch")
+    from benchmarks.reproduce import build_parser as reproduce_parser
+    from pod.model import PRESETS
+
+    (train,) = [p for path, p in parsers(build_parser()) if path == ("train",)]
+    for parser in (train, reproduce_parser()):
+        (preset,) = [a for a in parser._actions if a.dest == "preset"]
+        assert list(preset.choices) == list(PRESETS)
+
+
 def test_serve_help_shows_serve_settings_defaults():
     pytest.importorskip("pydantic_settings")
     from service.cli import SERVE_DEFAULTS, _default

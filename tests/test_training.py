@@ -290,3 +290,16 @@ def test_a_decaying_schedule_ends_with_the_time_box_when_that_comes_first():
     assert steps_only(500) == pytest.approx(0.5)  # no time box: time does not count
     constant = lr_lambda(TrainConfig(data="d", out="o", max_minutes=1), 1000, lambda: 1e9)
     assert constant(500) == 1.0
+
+
+def test_a_time_boxed_decaying_run_trains_and_logs_a_falling_lr(small_synth, tmp_path):
+    """The whole run, not just the factor: the scheduler asks for a factor when it is built, before the
+    training loop, and that once crashed every `--schedule linear --max-minutes` run at start-up."""
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        data=str(small_synth), out=str(out), epochs=1, max_steps=6, max_minutes=10, schedule="linear", **FAST
+    )
+    summary = train(cfg)
+    assert summary["global_step"] == 6
+    lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert lrs and all(b <= a for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 2e-3

@@ -197,7 +197,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     tr.add_argument("--data", required=True, help="a prepared data directory (`pod data ...`)")
     tr.add_argument("--out", required=True, help="the run directory (best/, last/, log.jsonl, loss.png)")
-    tr.add_argument("--preset", choices=["tiny", "small", "t5-small"], help=f"model shape {d('preset')}")
+    tr.add_argument("--preset", choices=["mini", "tiny", "small", "t5-small"], help=f"model shape {d('preset')}")
     tr.add_argument(
         "--backbone",
         help="local Hugging Face T5 directory (safetensors + spiece.model) (default: none, random weights)",

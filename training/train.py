@@ -469,9 +469,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     total_steps = n_batches * cfg.epochs  # the schedule horizon; --max-steps/--max-minutes only stop early
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    # the time-boxed horizon reads `progress` (rebound on --resume: the closure sees the current one)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, lambda: progress["elapsed_s"]))
-
     progress = {
         "epoch": 0,
         "step_in_epoch": 0,
@@ -481,6 +478,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "elapsed_s": 0.0,
         "done": False,
     }
+    # the time-boxed horizon reads `progress` (rebound on --resume: the closure sees the current one); it must
+    # exist before the scheduler, whose constructor already asks for the first step's factor
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, lambda: progress["elapsed_s"]))
     if resume:
         progress = read_state(last, optimizer, scheduler)
         if progress.get("done"):
