@@ -201,6 +201,20 @@ def test_preset_choices_are_the_models_presets():
         assert list(preset.choices) == list(PRESETS)
 
 
+def test_a_recipe_fills_the_flags_left_out_and_explicit_flags_win():
+    pytest.importorskip("torch")
+    from training.cli import RECIPES, train_config
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--recipe", "catalog", "--lr", "1e-3"])
+    cfg = train_config(args)
+    assert cfg.lr == 1e-3 and cfg.tasks == ["sequential"]  # the flag won; the recipe's tasks became a list
+    for name, value in RECIPES["catalog"].items():
+        if name not in ("lr", "tasks"):
+            assert getattr(cfg, name) == value, name
+    plain = train_config(build_parser().parse_args(["train", "--data", "d", "--out", "o"]))
+    assert plain.preset == "tiny" and plain.label_smoothing == 0.0 and plain.tasks is None
+
+
 def test_serve_help_shows_serve_settings_defaults():
     pytest.importorskip("pydantic_settings")
     from service.cli import SERVE_DEFAULTS, _default
