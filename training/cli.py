@@ -232,7 +232,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--recipe",
         choices=sorted(RECIPES),
         help="a measured set of flags; flags given explicitly win. catalog: a large real catalog's sequential task "
-        "in 30 CPU minutes (" + " ".join(f"{k}={v}" for k, v in RECIPES["catalog"].items()) + ") (default: none)",
+        "in 30 CPU minutes ("
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["catalog"].items())
+        + ") (default: none)",
     )
     tr.add_argument("--preset", choices=["mini", "tiny", "small", "t5-small"], help=f"model shape {d('preset')}")
     tr.add_argument(
