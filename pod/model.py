@@ -188,9 +188,10 @@ class PODModel(nn.Module):
                 task_index, input_ids, whole_word_ids, attention_mask, next_items, label_smoothing
             )
         hidden, mask = self.encode(task_index, input_ids, whole_word_ids, attention_mask)
-        out = self.t5(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, labels=labels)
-        if not label_smoothing:
-            return out.loss
+        # the decoder reads the labels shifted right, as T5 does when given `labels`; the loss is computed here
+        # once (T5's own is the same cross-entropy without smoothing)
+        decoder_input_ids = self.t5._shift_right(labels)
+        out = self.t5(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, decoder_input_ids=decoder_input_ids)
         return nn.functional.cross_entropy(
             out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=label_smoothing
         )

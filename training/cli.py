@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pod.recommender import (  # numpy and sentencepiece only: the defaults' one home
     TOPN_PROMPT_HELP,
     TOPN_PROMPTS,
     DecodingConfig,
 )
+
+if TYPE_CHECKING:  # torch comes with it: imported when a command runs, not when the parser is built
+    from training.train import TrainConfig
 
 TRAIN_DEFAULTS: dict[str, object] = {
     "preset": "tiny",
@@ -104,7 +108,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {json.dumps(manifest['counts'])}")
 
 
-def train_config(args: argparse.Namespace):
+def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig a `pod train` command line asks for: its flags, then its --recipe's, then the defaults."""
     from training.train import TrainConfig
 
