@@ -39,7 +39,9 @@ class DecoderSession(Protocol):
         `rows` is `batch x w` for any `w` the search picks at that step (only live beams are sent), and
         `parents[r]` is the row of the previous call that row `r` continues. A session may also offer
         `step_columns(tokens, parents, columns, normalizer) -> (logits (rows, len(columns)), logsumexp
-        (rows,) or None)`, so a constrained search pays only for the tokens the trie allows.
+        (rows,) or None)`, so a constrained search pays only for the tokens the trie allows, and
+        `step_top(tokens, parents, k) -> (log-probabilities (rows, k), token ids (rows, k))`, each row's `k`
+        best tokens, so an unconstrained search reads `k` numbers a row instead of the whole vocabulary.
         """
         ...
 
@@ -183,6 +185,8 @@ def beam_search(
     cons = list(constraints) if constraints is not None else [None] * batch_size
     constrained = all(c is not None for c in cons)
     renormalize = normalize == "allowed" and constrained
+    # unconstrained (explanations): a session that ranks on its device sends back each row's best tokens only
+    shortlist = not constrained and not diversity_penalty and hasattr(session, "step_top")
 
     for step in range(max_new_tokens):
         live = scores.reshape(-1) > _INIT / 2
@@ -204,6 +208,16 @@ def beam_search(
         send = (order + np.arange(batch_size)[:, None] * num_beams).reshape(-1)
         if renormalize and columns.size == 1 and columns[0] == eos_id:
             logp_sent = np.zeros((send.size, 1), dtype=np.float32)  # every live beam can only end: nothing to compute
+        elif shortlist:
+            # A group keeps its best 2 x gs continuations, and each beam adds one score to all its tokens, so none
+            # can come from outside its own beam's best 2 x gs (one more while `</s>` is still masked).
+            src = None if sent is None else _position(sent, parents[send])
+            with span("decoder.step", step=step, rows=send.size):
+                vals, ids = session.step_top(tokens[send], src, 2 * gs + (step < min_new_tokens))
+            columns = np.unique(ids)
+            logp_sent = np.full((send.size, columns.size), NEG_INF, dtype=np.float32)
+            np.put_along_axis(logp_sent, np.searchsorted(columns, ids), vals, axis=1)
+            sent = send
         else:
             src = None if sent is None else _position(sent, parents[send])
             with span("decoder.step", step=step, rows=send.size):

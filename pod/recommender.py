@@ -18,7 +18,7 @@ With tracing on (`pod.tracing`), a batch shows as an `encoder` span (tokenizatio
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -105,6 +105,9 @@ class Catalog:
             self.token_items = np.array(order, dtype=np.int64)  # column n of a one-step ranking is item ...
             self.item_columns = np.array([self.item_tokens[i][0] for i in order], dtype=np.int64)  # ... its token
             self.column_of = {item: n for n, item in enumerate(order)}
+            # the same map as an array (item -> column, -1 where no column), for a batch's lookups at once
+            self.column_array = np.full(max(order, default=-1) + 1, -1, dtype=np.int64)
+            self.column_array[self.token_items] = np.arange(len(order))
 
     @classmethod
     def from_bundle(cls, bundle) -> Catalog:
@@ -244,6 +247,10 @@ class Recommender:
             return self.text(task, job.user, job.candidates, job.history)
         return self.text(task, job.user, [job.item])
 
+    def input_text(self, task: str, job: SequentialJob | TopNJob | ExplainJob) -> str:
+        """What the encoder reads for a job: a top-N job under the sequential prompt reads its history only."""
+        return self._topn_text(self.topn_task, job) if task == "topn" else self.job_text(task, job)
+
     def input_length(self, task: str, user: int, items: Sequence[int], history: Sequence[int] = ()) -> int:
         """Token count of a job's input, for bucketing similar jobs into one batch."""
         return len(self.tokenizer.encode_input(self.text(task, user, items, history))[0])
@@ -317,14 +324,22 @@ class Recommender:
             out.append(Ranked([(int(i), float(v)) for i, v in zip(items, scores[row, :n])], 1))
         return out
 
-    def _columns(self, items) -> np.ndarray:
-        return np.array(sorted(self.catalog.column_of[i] for i in items), dtype=np.int64)
+    def _columns(self, items: Iterable[int], known_only: bool = False) -> np.ndarray:
+        """Sorted, distinct one-step columns of `items`; an item without one is skipped (`known_only`) or an
+        error (a top-N candidate must be in the catalog)."""
+        table = self.catalog.column_array
+        arr = np.fromiter(items, dtype=np.int64)
+        inside = (arr >= 0) & (arr < len(table))
+        cols = np.full(arr.shape, -1, dtype=np.int64)
+        cols[inside] = table[arr[inside]]
+        if not known_only and (cols < 0).any():
+            raise KeyError(f"items with no column in the catalog: {sorted(set(arr[cols < 0].tolist()))[:5]}")
+        return np.unique(cols[cols >= 0])
 
     def sequential(self, jobs: Sequence[SequentialJob]) -> list[Ranked]:
         texts = [self.job_text("sequential", j) for j in jobs]
         if self.catalog.item_ids == "token":
-            known = self.catalog.column_of.keys()
-            banned = [self._columns((set(j.history) | set(j.exclude)) & known) for j in jobs]
+            banned = [self._columns([*j.history, *j.exclude], known_only=True) for j in jobs]
             return self._one_step("sequential", texts, banned, False, [j.k for j in jobs])
         cons = [self.catalog.trie.restrict(set(j.history) | set(j.exclude)) for j in jobs]
         return self._rank("sequential", texts, cons, [j.k for j in jobs])
@@ -450,7 +465,7 @@ def by_length(recommender: Recommender, task: str, jobs: Sequence, batch_size: i
     """Offline batching: job indices sorted by input length, so a batch pads little."""
 
     encode = recommender.tokenizer.encode_input  # cached per word: the start() that follows costs less
-    order = sorted(range(len(jobs)), key=lambda n: len(encode(recommender.job_text(task, jobs[n]))[0]))
+    order = sorted(range(len(jobs)), key=lambda n: len(encode(recommender.input_text(task, jobs[n]))[0]))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 

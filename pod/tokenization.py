@@ -120,13 +120,25 @@ class Tokenizer:
             if hit is None:
                 if len(self._words) >= _WORD_CACHE:
                     self._words.clear()
-                w_ids, w_ww = self.encode_input_whole(word)
-                hit = self._words[word] = (w_ids[:-1], w_ww[:-1], max(w_ww[:-1], default=0))
+                hit = self._words[word] = self._encode_word(word)
             w_ids, w_ww, n = hit
             ids += w_ids
             ww += [min(slot + s, cap) if s else 0 for s in w_ww]
             slot = min(slot + n, cap)
         return ids + [EOS_ID], ww + [0]
+
+    def _encode_word(self, word: str) -> tuple[list[int], list[int], int]:
+        """One word's ids, slots (1-based within the word) and slot count, for the word cache.
+
+        A word that is exactly one ID (`user_7`, `item_12`) is all slot 1, so it skips the span search: an
+        evaluation meets each user's word once, and those misses were most of its tokenizing time."""
+        whole = ID_PATTERN.fullmatch(word)
+        if whole is not None:
+            code = self._item_ids.get(int(whole.group(2))) if whole.group(1) == "item" else None
+            ids = list(code) if code is not None and self.item_mode != "digits" else self.sp.encode(word)
+            return ids, [1] * len(ids), 1 if ids else 0
+        w_ids, w_ww = self.encode_input_whole(word)
+        return w_ids[:-1], w_ww[:-1], max(w_ww[:-1], default=0)
 
     def encode_input_whole(self, text: str) -> tuple[list[int], list[int]]:
         """`encode_input` of the whole text at once (the reference the word cache must equal)."""

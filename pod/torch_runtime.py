@@ -72,6 +72,15 @@ class TorchSession(ProjectedSession):
         return logits.cpu().numpy(), (lse.cpu().numpy() if lse is not None else None)
 
     @torch.inference_mode()
+    def step_top(self, tokens: np.ndarray, parents: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder step's `k` best tokens per row (log-probabilities over the whole vocabulary, token ids),
+        chosen on the device: one small read-back instead of a `rows x vocabulary` one (see `beam_search`)."""
+        logits, lse = self._logits(self.advance(tokens, parents), None, True)
+        vals, ids = torch.topk(logits, min(k, logits.shape[1]), dim=1)
+        both = torch.cat([vals - lse[:, None], ids.float()], dim=1).cpu().numpy()  # ids < 2^24: exact in fp32
+        return both[:, : ids.shape[1]], both[:, ids.shape[1] :].astype(np.int64)
+
+    @torch.inference_mode()
     def top_columns(
         self, tokens: np.ndarray, columns: np.ndarray, sets: list[np.ndarray], keep: bool, k: int, exact: bool
     ) -> tuple[np.ndarray, np.ndarray]:

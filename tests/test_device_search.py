@@ -16,7 +16,7 @@ from pod import device_search
 from pod.dataset import PreparedData
 from pod.decoding import Trie, beam_search
 from pod.model import PODConfig, PODModel, build_model, t5_config
-from pod.recommender import Catalog, DecodingConfig, Recommender, SequentialJob, TopNJob
+from pod.recommender import Catalog, DecodingConfig, ExplainJob, Recommender, SequentialJob, TopNJob
 from pod.tokenization import EOS_ID
 from pod.torch_runtime import HostSearch, TorchRuntime, TorchSession
 from tests.test_devices import META, OneDevice
@@ -144,6 +144,26 @@ def test_recommender_lists_are_the_same_on_the_device_and_on_the_host(item_runti
             assert len(b.items) == 5 and a.tokens == b.tokens
     for job, ranked in zip(seq, device.sequential(seq)):
         assert not (set(job.history) | job.exclude) & {i for i, _ in ranked.items}
+
+
+def test_explanations_read_only_each_rows_best_tokens_and_match_the_host_search(item_runtime):
+    """Unconstrained beams (explanations): the session's `step_top` sends back each row's best 2 x group-size
+    tokens, not the vocabulary, and the search must find what the full-vocabulary reference finds."""
+    rt, data, catalog = item_runtime
+    texts = [f"user_{u} item_{data.history_before(u, 'test')[-1]}" for u in data.users[:6]]
+    assert hasattr(rt.start("explanation", texts), "step_top")
+    for groups, min_new in ((1, 0), (3, 0), (3, 4)):  # `</s>` masked for 4 steps: one spare token a row
+        kw = dict(num_groups=groups, length_penalty=1.0, min_new_tokens=min_new)
+        ref = beam_search(HostSearch(rt).start("explanation", texts), len(texts), 9, 10, EOS_ID, **kw)
+        got = beam_search(rt.start("explanation", texts), len(texts), 9, 10, EOS_ID, **kw)
+        for a, b in zip(ref, got):  # sentences that tie may swap places
+            assert same_up_to_ties([(h.tokens, h.score) for h in a], [(h.tokens, h.score) for h in b], TOL) is None
+            assert all(len(h.tokens) > min_new for h in b)
+    cfg = DecodingConfig(explanation_beams=9, explanation_groups=3, max_explanation_tokens=10)
+    jobs = [ExplainJob(u, data.history_before(u, "test")[-1], 10) for u in data.users[:6]]
+    device, host = Recommender(rt, catalog, cfg).explain(jobs), Recommender(HostSearch(rt), catalog, cfg).explain(jobs)
+    for a, b in zip(host, device):
+        assert abs(a.score - b.score) < TOL and (a.text == b.text or a.score == b.score)
 
 
 # The device check (tests/test_devices.py's): a model on `meta`, and a dispatch mode that refuses any operation
