@@ -32,6 +32,7 @@ SPIECE_FILE = "spiece.model"
 T5_PIECES, T5_VOCAB = 32000, 32100  # T5 models carry 100 sentinel rows after the SentencePiece pieces
 _PLAIN = re.compile(r"[!-~]+( [!-~]+)*")  # printable ASCII words, one space apart: safe to encode word by word
 _WORD_CACHE = 1 << 18  # distinct words kept by a tokenizer (a catalogue's items and users fit)
+_TEXT_CACHE = 1 << 15  # whole inputs kept (a full evaluation split's, between sorting and running)
 
 
 class Tokenizer:
@@ -51,7 +52,10 @@ class Tokenizer:
         # item tokens go after every row a model built for this vocabulary already has (T5's sentinels too)
         self.item_offset = T5_VOCAB if self.sp_size == T5_PIECES else self.sp_size
         self._item_ids = {item: [self.item_offset + c for c in code] for item, code in self.items.codes.items()}
-        self._words: dict[str, tuple[list[int], list[int], int]] = {}  # encode_input's per-word cache
+        # encode_input's caches, of tuples: the garbage collector stops scanning those (lists it would scan at
+        # every collection, which cost an evaluation more than the cache saved)
+        self._words: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {}  # per word
+        self._texts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # recent whole texts
 
     @classmethod
     def load(cls, directory: str | Path, whole_word_size: int = 512) -> Tokenizer:
@@ -109,7 +113,13 @@ class Tokenizer:
         renumbered. A top-N input repeats the same few thousand item words, and re-tokenizing them was most
         of a GPU evaluation's time. Texts the word split might read differently (non-ASCII, tabs, newlines)
         take the whole-text path, `encode_input_whole`, which the cache is tested against.
+
+        Recent texts are kept whole too: an evaluation encodes each input twice (to sort jobs by length, then
+        to run them).
         """
+        done = self._texts.get(text)
+        if done is not None:
+            return list(done[0]), list(done[1])
         if not _PLAIN.fullmatch(text):
             return self.encode_input_whole(text)
         ids: list[int] = []
@@ -123,11 +133,19 @@ class Tokenizer:
                 hit = self._words[word] = self._encode_word(word)
             w_ids, w_ww, n = hit
             ids += w_ids
-            ww += [min(slot + s, cap) if s else 0 for s in w_ww]
+            if len(w_ww) == 1:  # most words: one item token, or one piece
+                ww.append(min(slot + w_ww[0], cap) if w_ww[0] else 0)
+            else:
+                ww += [min(slot + s, cap) if s else 0 for s in w_ww]
             slot = min(slot + n, cap)
-        return ids + [EOS_ID], ww + [0]
+        if len(self._texts) >= _TEXT_CACHE:
+            self._texts.clear()
+        ids.append(EOS_ID)
+        ww.append(0)
+        self._texts[text] = (tuple(ids), tuple(ww))
+        return ids, ww
 
-    def _encode_word(self, word: str) -> tuple[list[int], list[int], int]:
+    def _encode_word(self, word: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """One word's ids, slots (1-based within the word) and slot count, for the word cache.
 
         A word that is exactly one ID (`user_7`, `item_12`) is all slot 1, so it skips the span search: an
@@ -135,10 +153,10 @@ class Tokenizer:
         whole = ID_PATTERN.fullmatch(word)
         if whole is not None:
             code = self._item_ids.get(int(whole.group(2))) if whole.group(1) == "item" else None
-            ids = list(code) if code is not None and self.item_mode != "digits" else self.sp.encode(word)
-            return ids, [1] * len(ids), 1 if ids else 0
+            ids = tuple(code) if code is not None and self.item_mode != "digits" else tuple(self.sp.encode(word))
+            return ids, (1,) * len(ids), 1 if ids else 0
         w_ids, w_ww = self.encode_input_whole(word)
-        return w_ids[:-1], w_ww[:-1], max(w_ww[:-1], default=0)
+        return tuple(w_ids[:-1]), tuple(w_ww[:-1]), max(w_ww[:-1], default=0)
 
     def encode_input_whole(self, text: str) -> tuple[list[int], list[int]]:
         """`encode_input` of the whole text at once (the reference the word cache must equal)."""
