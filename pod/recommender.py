@@ -464,8 +464,8 @@ class Recommender:
 def by_length(recommender: Recommender, task: str, jobs: Sequence, batch_size: int) -> Iterator[list[int]]:
     """Offline batching: job indices sorted by input length, so a batch pads little."""
 
-    encode = recommender.tokenizer.encode_input  # cached per word: the start() that follows costs less
-    order = sorted(range(len(jobs)), key=lambda n: len(encode(recommender.input_text(task, jobs[n]))[0]))
+    encode = recommender.tokenizer.encode_input  # kept (keep=True): the start() that follows reads it back
+    order = sorted(range(len(jobs)), key=lambda n: len(encode(recommender.input_text(task, jobs[n]), keep=True)[0]))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 

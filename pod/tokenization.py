@@ -102,7 +102,7 @@ class Tokenizer:
         items = sorted(self._item_ids)
         return items, [self._item_ids[i][0] for i in items]
 
-    def encode_input(self, text: str) -> tuple[list[int], list[int]]:
+    def encode_input(self, text: str, keep: bool = False) -> tuple[list[int], list[int]]:
         """Token ids and whole-word ids for an encoder input (ends with `</s>`, slot 0).
 
         With item tokens, the pieces of each known `item_N` are replaced by the item's tokens, which keep
@@ -114,8 +114,8 @@ class Tokenizer:
         of a GPU evaluation's time. Texts the word split might read differently (non-ASCII, tabs, newlines)
         take the whole-text path, `encode_input_whole`, which the cache is tested against.
 
-        Recent texts are kept whole too: an evaluation encodes each input twice (to sort jobs by length, then
-        to run them).
+        `keep=True` also keeps the whole text's encoding, for a caller that will encode it again soon: an
+        evaluation sorts its jobs by length, then runs them. Training and serving encode a text once.
         """
         done = self._texts.get(text)
         if done is not None:
@@ -138,11 +138,12 @@ class Tokenizer:
             else:
                 ww += [min(slot + s, cap) if s else 0 for s in w_ww]
             slot = min(slot + n, cap)
-        if len(self._texts) >= _TEXT_CACHE:
-            self._texts.clear()
         ids.append(EOS_ID)
         ww.append(0)
-        self._texts[text] = (tuple(ids), tuple(ww))
+        if keep:
+            if len(self._texts) >= _TEXT_CACHE:
+                self._texts.clear()
+            self._texts[text] = (tuple(ids), tuple(ww))
         return ids, ww
 
     def _encode_word(self, word: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
