@@ -35,6 +35,8 @@ sys.path.insert(0, str(BENCH / "baselines"))
 
 from efficiency import environment  # noqa: E402
 
+from training.cli import add_explanation_decoding  # noqa: E402  (argparse and the decoding defaults only)
+
 DATASETS: dict[str, dict] = {
     "beauty": {"format": "pod", "source": "data/beauty", "lr": 5e-4},
     "sports": {"format": "pod", "source": "data/sports", "lr": 1e-3},
@@ -181,6 +183,11 @@ def comparison(dataset: str, item_index: str, pod_eval: dict, sasrec: dict | Non
             rows["SASRec (paper)"] = {"metrics": paper[task]["SASRec"], "source": "paper Table 2"}
         if "retrieval" in res:
             rows["retrieval (item's most frequent training sentence)"] = {"metrics": res["retrieval"], "source": ours}
+        if "one typical sentence" in res:
+            rows["one typical sentence for every record"] = {
+                "metrics": res["one typical sentence"],
+                "source": f"{ours}: \"{res['typical_sentence']}\"",
+            }
         targets = {}
         if item_index == "keep" and "POD" in paper.get(task, {}):
             for metric, goal in paper[task]["POD"].items():
@@ -298,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-batch-size", type=int, default=32)
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--no-topn-scoring", action="store_true", help="skip exact top-N candidate scoring (time)")
+    add_explanation_decoding(ap)
     ap.add_argument("--sasrec-minutes", type=float, default=0.0, help="also train SASRec for up to M minutes")
     ap.add_argument("--sasrec-report", type=Path, help="include a SASRec JSON from benchmarks/baselines/sasrec.py")
     ap.add_argument("--efficiency", action="store_true", help="also measure Tables 5 and 6 on this machine")
@@ -381,12 +389,18 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = out / "run"
         write(report, out)
 
+    from pod.recommender import DecodingConfig
     from training.evaluate import evaluate
 
     report["evaluation"] = {
         "limit": args.eval_limit,
         "seed": args.seed,
         "beams": args.beams,
+        "explanation_decoding": {
+            "beams": args.explanation_beams,
+            "groups": args.explanation_groups,
+            "no_repeat_ngram": args.no_repeat_ngram,
+        },
         "inference_prompt": "continuous",
         "checkpoint": str(checkpoint),
     }
@@ -404,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             progress=sys.stderr.isatty(),
             topn_scoring=not args.no_topn_scoring,
+            config=DecodingConfig(
+                explanation_beams=args.explanation_beams,
+                explanation_groups=args.explanation_groups,
+                no_repeat_ngram=args.no_repeat_ngram,
+            ),
         )
         report["pod_eval"][task] = {**rep["results"][task], "users": rep["users"]}
         report["evaluation"]["device"] = rep["device"]

@@ -156,6 +156,7 @@ def beam_search(
     min_new_tokens: int = 0,
     num_return: int | None = None,
     normalize: str = "exact",
+    no_repeat_ngram: int = 0,
 ) -> list[list[Hypothesis]]:
     """Best hypotheses per batch row, best first (at most `num_return`, default `num_beams`).
 
@@ -164,6 +165,8 @@ def beam_search(
     an item's score is its log-probability under the model conditioned on producing a valid item, a token
     with no alternative is free, and a final step where every live beam can only end is never computed.
     Either way the session computes only live beams, and only the allowed tokens' logits (when it can).
+    `no_repeat_ngram=n` bans a token that would repeat an n-gram of the beam's text (the decoder start token
+    counts, as in Hugging Face's `no_repeat_ngram_size`): a small model otherwise loops on its likeliest clause.
     Each session call is a `decoder.step` span (step index, rows) when tracing is on (`pod.tracing`).
     """
     if num_beams % num_groups:
@@ -206,6 +209,7 @@ def beam_search(
         order = np.argsort(~live_bb, axis=1, kind="stable")[:, :width]
         order = np.where(np.arange(width)[None, :] < np.maximum(counts, 1)[:, None], order, order[:, :1])
         send = (order + np.arange(batch_size)[:, None] * num_beams).reshape(-1)
+        banned = _repeats(seqs, live, start_id, no_repeat_ngram) if no_repeat_ngram else {}
         if renormalize and columns.size == 1 and columns[0] == eos_id:
             logp_sent = np.zeros((send.size, 1), dtype=np.float32)  # every live beam can only end: nothing to compute
         elif shortlist:
@@ -213,7 +217,8 @@ def beam_search(
             # can come from outside its own beam's best 2 x gs (one more while `</s>` is still masked).
             src = None if sent is None else _position(sent, parents[send])
             with span("decoder.step", step=step, rows=send.size):
-                vals, ids = session.step_top(tokens[send], src, 2 * gs + (step < min_new_tokens))
+                extra = (step < min_new_tokens) + max(map(len, banned.values()), default=0)
+                vals, ids = session.step_top(tokens[send], src, 2 * gs + extra)
             columns = np.unique(ids)
             logp_sent = np.full((send.size, columns.size), NEG_INF, dtype=np.float32)
             np.put_along_axis(logp_sent, np.searchsorted(columns, ids), vals, axis=1)
@@ -231,6 +236,9 @@ def beam_search(
         eos_col = _column(columns, eos_id)
         if step < min_new_tokens and eos_col is not None:
             logp[:, eos_col] = NEG_INF
+        for r, toks in banned.items():
+            cols = [c for c in (_column(columns, t) for t in toks) if c is not None]
+            logp[r, cols] = NEG_INF
         if constrained:
             for r in np.flatnonzero(live):
                 keep = [_column(columns, t) for t, _ in allowed[r]]
@@ -308,6 +316,20 @@ def beam_search(
         hyps = [h for group in finished[b] for h in group]
         hyps.sort(reverse=True)
         out.append(hyps[:num_return])
+    return out
+
+
+def _repeats(seqs: Sequence[tuple[int, ...]], live: np.ndarray, start_id: int, n: int) -> dict[int, set[int]]:
+    """Per live beam row, the tokens that would complete an n-gram its text (start token first) already holds."""
+    out: dict[int, set[int]] = {}
+    for r in np.flatnonzero(live):
+        text = (start_id, *seqs[r])
+        if len(text) < n:
+            continue
+        tail = text[len(text) - n + 1 :]
+        toks = {text[i + n - 1] for i in range(len(text) - n + 1) if text[i : i + n - 1] == tail}
+        if toks:
+            out[int(r)] = toks
     return out
 
 

@@ -47,6 +47,7 @@ class DecodingConfig:
     explanation_beams: int = 21
     explanation_groups: int = 3
     diversity_penalty: float = 0.0  # group beam search diversity (reference code: 0)
+    no_repeat_ngram: int = 0  # explanations: no n-gram twice in a sentence (0: off, as the paper's decoding)
     max_explanation_tokens: int = 32
     normalizer: str = "exact"  # item scores: "exact" log-probabilities or "allowed" (renormalized over valid IDs)
     history: int = MAX_HISTORY  # most recent items kept in a sequential input
@@ -60,6 +61,8 @@ class DecodingConfig:
             raise ValueError(f"normalizer must be 'exact' or 'allowed', not {self.normalizer!r}")
         if self.topn_prompt not in TOPN_PROMPTS:
             raise ValueError(f"topn_prompt must be one of {', '.join(TOPN_PROMPTS)}, not {self.topn_prompt!r}")
+        if self.no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram must be 0 (off) or positive, not {self.no_repeat_ngram}")
         if self.beams < 1 or self.explanation_beams < 1 or self.explanation_beams % self.explanation_groups:
             raise ValueError(
                 f"beams must be positive and explanation_beams ({self.explanation_beams}) a multiple of "
@@ -436,6 +439,7 @@ class Recommender:
                 diversity_penalty=cfg.diversity_penalty,
                 length_penalty=1.0,
                 num_return=1,
+                no_repeat_ngram=cfg.no_repeat_ngram,
             )
         out = []
         for j, row in zip(jobs, hyps):

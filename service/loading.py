@@ -49,6 +49,7 @@ def load_recommender(settings: ServeSettings) -> tuple[Recommender, str]:
         explanation_beams=settings.explanation_beams,
         explanation_groups=settings.explanation_groups,
         diversity_penalty=settings.diversity_penalty,
+        no_repeat_ngram=settings.no_repeat_ngram,
         normalizer=settings.normalizer,
         topn_prompt=settings.topn_prompt,
     )

@@ -39,6 +39,9 @@ class ServeSettings(BaseSettings):
     explanation_beams: int = Field(DecodingConfig.explanation_beams, ge=1)
     explanation_groups: int = Field(DecodingConfig.explanation_groups, ge=1)
     diversity_penalty: float = DecodingConfig.diversity_penalty
+    no_repeat_ngram: int = Field(
+        DecodingConfig.no_repeat_ngram, ge=0, description="explanations: no n-gram twice in a sentence (0: off)"
+    )
     normalizer: Literal["exact", "allowed"] = Field(
         "exact",
         description="item scores: exact log-probabilities (the paper's ranking), or renormalized over the tokens "

@@ -71,8 +71,10 @@ def tiny_t5():
     return model
 
 
-@pytest.mark.parametrize("beams,length_penalty", [(4, 1.0), (6, 1.0), (5, 0.0)])
-def test_unconstrained_matches_hugging_face_generate(tiny_t5, beams, length_penalty):
+@pytest.mark.parametrize(
+    "beams,length_penalty,no_repeat", [(4, 1.0, 0), (6, 1.0, 0), (5, 0.0, 0), (4, 1.0, 1), (6, 1.0, 2)]
+)
+def test_unconstrained_matches_hugging_face_generate(tiny_t5, beams, length_penalty, no_repeat):
     torch.manual_seed(1)
     ids = torch.randint(2, 64, (3, 9))
     hf = tiny_t5.generate(
@@ -81,11 +83,13 @@ def test_unconstrained_matches_hugging_face_generate(tiny_t5, beams, length_pena
         num_return_sequences=beams,
         max_new_tokens=7,
         length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat,
         output_scores=True,
         return_dict_in_generate=True,
         do_sample=False,
     )
-    ours = beam_search(HFStep(tiny_t5, ids, beams), 3, beams, 7, eos_id=EOS, length_penalty=length_penalty)
+    step = HFStep(tiny_t5, ids, beams)
+    ours = beam_search(step, 3, beams, 7, eos_id=EOS, length_penalty=length_penalty, no_repeat_ngram=no_repeat)
     finished_early = 0
     for b in range(3):
         for k in range(beams):
@@ -96,6 +100,9 @@ def test_unconstrained_matches_hugging_face_generate(tiny_t5, beams, length_pena
             assert list(ours[b][k].tokens) == seq
             assert ours[b][k].score == pytest.approx(hf.sequences_scores[b * beams + k].item(), abs=1e-4)
     assert finished_early > 0  # the comparison covered EOS handling, not only max-length cut-offs
+    if no_repeat:  # the ban changed what the search found, so the parity covered it
+        free = beam_search(HFStep(tiny_t5, ids, beams), 3, beams, 7, eos_id=EOS, length_penalty=length_penalty)
+        assert any(h.tokens != f.tokens for row, frow in zip(ours, free) for h, f in zip(row, frow))
 
 
 class HashStep:

@@ -152,13 +152,18 @@ def test_explanations_read_only_each_rows_best_tokens_and_match_the_host_search(
     rt, data, catalog = item_runtime
     texts = [f"user_{u} item_{data.history_before(u, 'test')[-1]}" for u in data.users[:6]]
     assert hasattr(rt.start("explanation", texts), "step_top")
-    for groups, min_new in ((1, 0), (3, 0), (3, 4)):  # `</s>` masked for 4 steps: one spare token a row
-        kw = dict(num_groups=groups, length_penalty=1.0, min_new_tokens=min_new)
+    # `</s>` masked for 4 steps: one spare token a row; repeats banned: as many spare tokens as a row has bans
+    for groups, min_new, no_repeat in ((1, 0, 0), (3, 0, 0), (3, 4, 0), (3, 0, 1), (1, 4, 2)):
+        kw = dict(num_groups=groups, length_penalty=1.0, min_new_tokens=min_new, no_repeat_ngram=no_repeat)
         ref = beam_search(HostSearch(rt).start("explanation", texts), len(texts), 9, 10, EOS_ID, **kw)
         got = beam_search(rt.start("explanation", texts), len(texts), 9, 10, EOS_ID, **kw)
         for a, b in zip(ref, got):  # sentences that tie may swap places
             assert same_up_to_ties([(h.tokens, h.score) for h in a], [(h.tokens, h.score) for h in b], TOL) is None
             assert all(len(h.tokens) > min_new for h in b)
+            for h in b if no_repeat else ():  # no n-gram twice (the start token counts)
+                text = (0, *h.tokens)
+                grams = [text[i : i + no_repeat] for i in range(len(text) - no_repeat + 1)]
+                assert len(set(grams)) == len(grams)
     cfg = DecodingConfig(explanation_beams=9, explanation_groups=3, max_explanation_tokens=10)
     jobs = [ExplainJob(u, data.history_before(u, "test")[-1], 10) for u in data.users[:6]]
     device, host = Recommender(rt, catalog, cfg).explain(jobs), Recommender(HostSearch(rt), catalog, cfg).explain(jobs)

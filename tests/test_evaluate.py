@@ -45,8 +45,11 @@ def test_every_task_evaluates_and_writes_json_and_markdown(trained_sequential, d
     assert {"POD", "popularity"} <= set(topn) and "POD (exact scoring)" not in set(topn)  # second pass is skipped
     expl = report["results"]["explanation"]
     assert {"BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"} == set(expl["POD"]) == set(expl["retrieval"])
+    assert set(expl["one typical sentence"]) == set(expl["POD"]) and 0 < expl["distinct"] <= 1
+    train = {r["explanation"] for r in json.loads((default_synth / "explanations.json").read_text())["train"]}
+    assert expl["typical_sentence"] in train  # one real training sentence, the same for every record
     md = out.with_suffix(".md").read_text()
-    assert "| popularity |" in md and "| retrieval |" in md
+    assert "| popularity |" in md and "| retrieval |" in md and "| one typical sentence |" in md
     assert "## sequential" in capsys.readouterr().out
 
 

@@ -153,7 +153,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         inference_prompt=args.inference_prompt,
         device=args.device,
         progress=not args.no_progress,
-        config=DecodingConfig(beams=args.beams, diversity_penalty=args.diversity_penalty, topn_prompt=args.topn_prompt),
+        config=DecodingConfig(
+            beams=args.beams,
+            explanation_beams=args.explanation_beams,
+            explanation_groups=args.explanation_groups,
+            diversity_penalty=args.diversity_penalty,
+            no_repeat_ngram=args.no_repeat_ngram,
+            topn_prompt=args.topn_prompt,
+        ),
     )
     print(markdown(report))
     if args.out:
@@ -219,6 +226,26 @@ def _item_ids_argument(parser: argparse.ArgumentParser) -> None:
         choices=["digits", "token", "collaborative", "semantic"],
         help="how `pod train` writes items unless told otherwise (manifest item_ids; digits is the paper's "
         "form); the split is the same",
+    )
+
+
+def add_explanation_decoding(parser: argparse.ArgumentParser) -> None:
+    """How explanations are decoded: `pod evaluate`'s and `benchmarks/reproduce.py`'s flags (the service's
+    settings of the same names)."""
+    parser.add_argument(
+        "--explanation-beams",
+        type=int,
+        default=DecodingConfig.explanation_beams,
+        help="beams for explanations, a multiple of --explanation-groups (1 with 1 group: greedy)",
+    )
+    parser.add_argument(
+        "--explanation-groups", type=int, default=DecodingConfig.explanation_groups, help="group beam search groups"
+    )
+    parser.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=DecodingConfig.no_repeat_ngram,
+        help="explanations: no n-gram of this size twice in a sentence (0: off, the paper's decoding)",
     )
 
 
@@ -424,6 +451,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
         default=DecodingConfig.diversity_penalty,
         help="group beam search diversity for explanations (reference code: 0)",
     )
+    add_explanation_decoding(ev)
     ev.add_argument(
         "--topn-prompt",
         default=DecodingConfig.topn_prompt,
