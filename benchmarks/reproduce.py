@@ -186,7 +186,7 @@ def comparison(dataset: str, item_index: str, pod_eval: dict, sasrec: dict | Non
         if "one typical sentence" in res:
             rows["one typical sentence for every record"] = {
                 "metrics": res["one typical sentence"],
-                "source": f"{ours}: \"{res['typical_sentence']}\"",
+                "source": f'{ours}: "{res["typical_sentence"]}"',
             }
         targets = {}
         if item_index == "keep" and "POD" in paper.get(task, {}):

@@ -305,7 +305,7 @@ def markdown(report: dict) -> str:
             lines.append(f"\ncandidates ranked under the {res['prompt']} prompt")
         if "distinct" in res:
             lines.append(f"\ndistinct POD sentences: {100 * res['distinct']:.1f}% of {res['records']}")
-            lines.append(f"\none typical sentence: \"{res['typical_sentence']}\"")
+            lines.append(f'\none typical sentence: "{res["typical_sentence"]}"')
         if "users_per_s" in res:
             lines.append(f"\ndecoding: {res['seconds']:.1f} s, {res['users_per_s']:.1f} users/s")
         lines.append("")
