@@ -422,11 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             progress=sys.stderr.isatty(),
             topn_scoring=not args.no_topn_scoring,
-            config=DecodingConfig(
-                explanation_beams=args.explanation_beams,
-                explanation_groups=args.explanation_groups,
-                no_repeat_ngram=args.no_repeat_ngram,
-            ),
+            config=DecodingConfig.of(args),
         )
         report["pod_eval"][task] = {**rep["results"][task], "users": rep["users"]}
         report["evaluation"]["device"] = rep["device"]

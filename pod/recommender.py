@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
@@ -55,6 +55,11 @@ class DecodingConfig:
     # user's history is the input and the next-item distribution is read at the candidates); "auto": see
     # `Recommender.topn_task`.
     topn_prompt: str = "auto"
+
+    @classmethod
+    def of(cls, source: object) -> DecodingConfig:
+        """The settings `source` names (CLI arguments, the server's settings); the defaults for the rest."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
 
     def __post_init__(self) -> None:
         if self.normalizer not in ("exact", "allowed"):

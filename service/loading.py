@@ -44,13 +44,5 @@ def load_recommender(settings: ServeSettings) -> tuple[Recommender, str]:
         m = bundle.manifest
         label = f"pod-onnx-{m['quantization'] if m['quantization'] != 'none' else m['dtype']}"
         label += f"@{m['source_checkpoint']['sha256'][:12]}"
-    config = DecodingConfig(
-        beams=settings.beams,
-        explanation_beams=settings.explanation_beams,
-        explanation_groups=settings.explanation_groups,
-        diversity_penalty=settings.diversity_penalty,
-        no_repeat_ngram=settings.no_repeat_ngram,
-        normalizer=settings.normalizer,
-        topn_prompt=settings.topn_prompt,
-    )
+    config = DecodingConfig.of(settings)
     return Recommender(runtime, catalog, config), label

@@ -153,14 +153,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         inference_prompt=args.inference_prompt,
         device=args.device,
         progress=not args.no_progress,
-        config=DecodingConfig(
-            beams=args.beams,
-            explanation_beams=args.explanation_beams,
-            explanation_groups=args.explanation_groups,
-            diversity_penalty=args.diversity_penalty,
-            no_repeat_ngram=args.no_repeat_ngram,
-            topn_prompt=args.topn_prompt,
-        ),
+        config=DecodingConfig.of(args),
     )
     print(markdown(report))
     if args.out:
