@@ -20,6 +20,7 @@ what it finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -396,15 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     from pod.recommender import DecodingConfig
     from training.evaluate import evaluate
 
+    config = DecodingConfig.of(args)
     report["evaluation"] = {
         "limit": args.eval_limit,
         "seed": args.seed,
         "beams": args.beams,
-        "explanation_decoding": {
-            "beams": args.explanation_beams,
-            "groups": args.explanation_groups,
-            "no_repeat_ngram": args.no_repeat_ngram,
-        },
+        "decoding": dataclasses.asdict(config),
         "inference_prompt": "continuous",
         "checkpoint": str(checkpoint),
     }
@@ -422,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             progress=sys.stderr.isatty(),
             topn_scoring=not args.no_topn_scoring,
-            config=DecodingConfig.of(args),
+            config=config,
         )
         report["pod_eval"][task] = {**rep["results"][task], "users": rep["users"]}
         report["evaluation"]["device"] = rep["device"]
