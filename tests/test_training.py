@@ -9,11 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from cli.main import main
+from pod.dataset import PreparedData
+from pod.model import load_checkpoint
 from tests.conftest import ROOT
-from training.train import TrainConfig, train
+from training.samples import validation_samples
+from training.train import UNCONDITIONAL_NATS, TrainConfig, train, unconditional_warning, validate
 
 FAST = dict(batch_size=16, eval_batch_size=64, val_limit=48, log_every=1, progress=False, lr=2e-3)
 
@@ -303,3 +307,30 @@ def test_a_time_boxed_decaying_run_trains_and_logs_a_falling_lr(small_synth, tmp
     assert summary["global_step"] == 6
     lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines() if '"lr"' in line]
     assert lrs and all(b <= a for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 2e-3
+
+
+def test_validation_measures_how_much_explanations_read_their_input(small_synth, tmp_path):
+    """`explanation_input_gain`: the loss with another record's encoder states minus the loss with its own. A
+    decoder cut off from the encoder (cross-attention outputs zeroed) gains exactly nothing, and only then
+    does the run's closing warning fire."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(small_synth), out=str(run), tasks=["explanation", "sequential"], epochs=1, **FAST)
+    train(cfg)
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    logged = [e["val_ranking"]["explanation_input_gain"] for e in log if e.get("event") == "epoch"]
+    assert len(logged) == 1
+
+    model, tokenizer, _ = load_checkpoint(run / "best")
+    val = validation_samples(PreparedData.load(small_synth), ["explanation"])
+    val["explanation"] = val["explanation"][:48]
+    _, ranking = validate(model, val, tokenizer, cfg, torch.device("cpu"), 0, 1)
+    gain = ranking["explanation_input_gain"]
+    assert abs(gain) > 1e-4  # a model that reads its input scores another record's targets differently
+    assert (unconditional_warning(ranking) is None) == (gain >= UNCONDITIONAL_NATS)
+
+    with torch.no_grad():
+        for block in model.t5.decoder.block:
+            block.layer[1].EncDecAttention.o.weight.zero_()
+    _, ranking = validate(model, val, tokenizer, cfg, torch.device("cpu"), 0, 1)
+    assert abs(ranking["explanation_input_gain"]) < 1e-5
+    assert "do not depend on the user and item" in unconditional_warning(ranking)

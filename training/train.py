@@ -211,6 +211,10 @@ def validate(
     The ranking is exact and nearly free: the first decoder step of the loss pass already holds every item
     token's logit, so the history items are masked and the target's rank among the rest is counted, which
     is what a one-step top-10 over all items would return (ties counted in the target's favour).
+
+    `explanation_input_gain` is how much worse (nats per token) the explanation targets score when each is read
+    through another record's encoder states: near 0, the decoder writes the same sentences whoever the user and
+    whatever the item, and beam search will return one sentence for every request.
     """
     model.eval()
     task_index = {t: model.config.task_index(t) for t in model.config.tasks}
@@ -224,6 +228,7 @@ def validate(
     for task, pool in samples.items():
         pool = pool[rank::world]
         sums = torch.zeros(2, dtype=torch.float64, device=device)
+        swapped = torch.zeros(2, dtype=torch.float64, device=device)
         hits = torch.zeros(3, dtype=torch.float64, device=device)  # hits@10, ndcg@10, users
         for i in range(0, len(pool), cfg.eval_batch_size):
             chunk = pool[i : i + cfg.eval_batch_size]
@@ -241,6 +246,16 @@ def validate(
                 loss = F.cross_entropy(result.logits[:, 0, first:].float(), batch["labels"][:, 0] - first)
                 n = torch.tensor(len(chunk), device=device)
             sums += torch.stack([loss.double() * n, n.double()])
+            if task == "explanation" and len(chunk) > 1:
+                # the same targets read through the next record's encoder states: a model that ignores its user
+                # and item (a fluent but unconditional decoder) loses nothing here
+                with autocast(cfg, device):
+                    other = model.t5(
+                        encoder_outputs=BaseModelOutput(hidden.roll(1, 0)),
+                        attention_mask=mask.roll(1, 0),
+                        labels=batch["labels"],
+                    ).loss
+                swapped += torch.stack([other.double() * n, n.double()])
             if rank_items and task == "sequential":
                 scores = result.logits[:, 0, :].float().index_select(1, columns_t)
                 for row, s in enumerate(chunk):
@@ -255,13 +270,32 @@ def validate(
         if world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(hits)
+            dist.all_reduce(swapped)
         out[task] = (sums[0] / sums[1]).item()
+        if swapped[1] > 0:
+            ranking[f"{task}_input_gain"] = (swapped[0] / swapped[1]).item() - out[task]
         if hits[2] > 0:
             ranking[f"{task}_hr10"] = (hits[0] / hits[2]).item()
             ranking[f"{task}_ndcg10"] = (hits[1] / hits[2]).item()
     out["total"] = sum(out.values()) / len(out)
     model.train()
     return out, ranking
+
+
+UNCONDITIONAL_NATS = 0.01  # explanation_input_gain below this: the sentences do not depend on user and item
+
+
+def unconditional_warning(ranking: dict[str, float]) -> str | None:
+    """The warning a run ends with when its explanations ignore their input: the loss can look healthy (a good
+    language model of the reviews) while beam search returns one sentence for every request."""
+    gain = ranking.get("explanation_input_gain")
+    if gain is None or gain >= UNCONDITIONAL_NATS:
+        return None
+    return (
+        f"warning: the explanations do not depend on the user and item (validation loss {gain:+.4f} nats per token "
+        "with another record's input), so beam search will write one sentence for every request; see README, "
+        'Training, "Explanations from real reviews"'
+    )
 
 
 def selection_value(cfg: TrainConfig, losses: dict[str, float], ranking: dict[str, float]) -> float:
@@ -507,6 +541,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     start = time.monotonic() - progress["elapsed_s"]
     stop_reason = None
+    last_ranking: dict[str, float] = {}  # the last validation's, for the closing warning
     workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if device.type == "cuda" else 0)
     while progress["epoch"] < cfg.epochs and stop_reason is None:
         epoch = progress["epoch"]
@@ -580,6 +615,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if not epoch_done:
             if stop_reason.startswith("time box"):  # keep what the time bought as a usable best/
                 losses, ranking = validate(model, val, tokenizer, cfg, device, rank, world)
+                last_ranking = ranking
                 if is_better(selection_value(cfg, losses, ranking)):
                     progress["best_val"] = best_of(losses, ranking)
                     if rank == 0:
@@ -604,6 +640,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             save_last()  # stopped inside an epoch: resume replays it from here
             break
         losses, ranking = validate(model, val, tokenizer, cfg, device, rank, world)
+        last_ranking = ranking
         improved = is_better(selection_value(cfg, losses, ranking))
         progress.update(epoch=epoch + 1, step_in_epoch=0, elapsed_s=time.monotonic() - start)
         if improved:
@@ -639,6 +676,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         save_last(stop=bool(finished))
     if rank == 0 and stop_reason:
         print(stop_reason, flush=True)
+    if rank == 0 and (warning := unconditional_warning(last_ranking)):
+        print(warning, flush=True)
     if world > 1:
         dist.barrier()
     metric = "sequential HR@10" if cfg.select_by == "hr10" else "loss"
