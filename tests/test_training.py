@@ -334,3 +334,24 @@ def test_validation_measures_how_much_explanations_read_their_input(small_synth,
     _, ranking = validate(model, val, tokenizer, cfg, torch.device("cpu"), 0, 1)
     assert abs(ranking["explanation_input_gain"]) < 1e-5
     assert "do not depend on the user and item" in unconditional_warning(ranking)
+
+
+def test_explanation_first_trains_explanations_alone_then_both(small_synth, tmp_path):
+    """`explanation_first=N`: the first N epochs hold explanation batches only; they are neither best/ nor
+    counted by patience, so a two-task run cannot stop (or select) before it has trained both tasks."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        data=str(small_synth),
+        out=str(run),
+        tasks=["explanation", "sequential"],
+        epochs=3,
+        explanation_first=2,
+        patience=1,
+        select_by="loss",
+        **FAST,
+    )
+    train(cfg)
+    epochs = [e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if e.get("event") == "epoch"]
+    assert [sorted(e["train_loss"]) for e in epochs] == [["explanation"]] * 2 + [["explanation", "sequential"]]
+    assert [e["best"] for e in epochs] == [False, False, True]
+    assert json.loads((run / "best" / "config.json").read_text())["epoch"] == 3

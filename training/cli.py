@@ -48,6 +48,7 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "topn_samples": "one",
     "select_by": "auto",
     "user_ids": True,
+    "explanation_first": 0,
 }
 """`training.train.TrainConfig`'s defaults, written out by hand for the help text: `pod train` flags default to
 None so that TrainConfig decides, and TrainConfig lives beside torch (tests/test_cli.py keeps the two equal)."""
@@ -381,6 +382,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         choices=["one", "all", "causal"],
         help="one random segment per user per epoch (paper), every prefix, or every prefix in one pass per user "
         f"with the history read causally (token ids; several times the targets per second) {d('sequential_samples')}",
+    )
+    tr.add_argument(
+        "--explanation-first",
+        dest="explanation_first",
+        type=int,
+        help=f"epochs that train explanations alone before every task is trained {d('explanation_first')}",
     )
     tr.add_argument(
         "--topn-samples",

@@ -90,6 +90,7 @@ class TrainConfig:
     clip: float = 1.0
     dropout: float | None = None  # default: the preset's
     label_smoothing: float = 0.0  # share of each target's mass spread over the other classes (training loss only)
+    explanation_first: int = 0  # epochs that train explanations alone before every task is trained
     init_std: float | None = None  # random models: token/whole-word embeddings from N(0, init_std); None: T5's 1.0
     patience: int = 5
     val_limit: int | None = None  # validate on a seeded random sample of this many users/records per task
@@ -131,6 +132,8 @@ def check_config(cfg: TrainConfig, data: PreparedData) -> TrainConfig:
         raise ValueError("--select-by hr10 needs --item-ids token and the sequential task")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
+    if cfg.explanation_first < 0 or (cfg.explanation_first and "explanation" not in cfg.tasks):
+        raise ValueError(f"--explanation-first {cfg.explanation_first} needs a count >= 0 and the explanation task")
     return cfg
 
 
@@ -479,10 +482,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             for t, v in val.items()
         }
 
-    def samples_of(rng: random.Random) -> dict[str, list[Sample]]:
+    # the first epochs may train explanations alone: with both tasks from the start, the explanation decoder
+    # learns to ignore its input (RESULTS.md, "One sentence for everyone")
+    solo_epochs = cfg.explanation_first if "explanation" in tasks else 0
+
+    def samples_of(rng: random.Random, epoch: int | None = None) -> dict[str, list[Sample]]:
         return epoch_samples(
             data,
-            tasks,
+            ["explanation"] if epoch is not None and epoch < solo_epochs else tasks,
             rng,
             cfg.sequential_samples,
             cfg.topn_samples,
@@ -546,7 +553,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     while progress["epoch"] < cfg.epochs and stop_reason is None:
         epoch = progress["epoch"]
         epoch_rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the epoch's samples and order
-        batches = make_batches(samples_of(epoch_rng), cfg.batch_size, cfg.strategy, epoch_rng, rank, world)
+        batches = make_batches(samples_of(epoch_rng, epoch), cfg.batch_size, cfg.strategy, epoch_rng, rank, world)
         sums: dict[str, list[float]] = {}
         bar = tqdm(
             total=len(batches),
@@ -641,7 +648,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             break
         losses, ranking = validate(model, val, tokenizer, cfg, device, rank, world)
         last_ranking = ranking
-        improved = is_better(selection_value(cfg, losses, ranking))
+        solo = epoch < solo_epochs  # not yet the model asked for: neither best/ nor patience counts
+        improved = not solo and is_better(selection_value(cfg, losses, ranking))
         progress.update(epoch=epoch + 1, step_in_epoch=0, elapsed_s=time.monotonic() - start)
         if improved:
             progress["best_val"], progress["bad_epochs"] = best_of(losses, ranking), 0
@@ -652,7 +660,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                     out / "best",
                     {**extra, "epoch": epoch + 1, "val_loss": losses, "val_ranking": ranking},
                 )
-        else:
+        elif not solo:
             progress["bad_epochs"] += 1
         train_loss = {t: s / n for t, (s, n) in sums.items()}
         if rank == 0:
