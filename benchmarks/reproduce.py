@@ -63,6 +63,7 @@ RECIPE_FLAGS = (
     "weight_decay",
     "init_std",
     "vocab_size",
+    "explanation_first",
 )
 RANK_METRICS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10")
 TEXT_METRICS = ("BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L")
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init-std", type=float, help="random models' embedding init std (default: pod train's)")
     ap.add_argument(
         "--vocab-size", type=int, help="pieces of the SentencePiece model trained on the data (default: pod train's)"
+    )
+    ap.add_argument(
+        "--explanation-first", type=int, help="epochs of explanations alone before both tasks (default: pod train's, 0)"
     )
     ap.add_argument("--val-limit", type=int, help="validate on at most N users/records per task during training")
     ap.add_argument("--checkpoint", type=Path, help="evaluate this run/checkpoint instead of training")

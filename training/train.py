@@ -296,8 +296,8 @@ def unconditional_warning(ranking: dict[str, float]) -> str | None:
         return None
     return (
         f"warning: the explanations do not depend on the user and item (validation loss {gain:+.4f} nats per token "
-        "with another record's input), so beam search will write one sentence for every request; see README, "
-        'Training, "Explanations from real reviews"'
+        "with another record's input), so beam search will write one sentence for every request; with other tasks, "
+        'train explanations alone first (--explanation-first 25; README, Training, "Explanations from real reviews")'
     )
 
 
