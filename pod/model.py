@@ -13,7 +13,7 @@ so a checkpoint always says how it writes items. Only safe formats are read.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -315,6 +315,17 @@ def save_checkpoint(model: PODModel, tokenizer: Tokenizer, out: Path, extra: dic
     write_dir_atomically(Path(out), fill)
 
 
+def config_from(cls: type, values: dict, source: Path):
+    """`cls(**values)` for a config dataclass read from `source`; a field this code does not know (the file was
+    written by another version of POD) is refused by name, with the file, instead of as a bare TypeError."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown {cls.__name__} field(s) {', '.join(unknown)} (written by another version of POD?)"
+        )
+    return cls(**values)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint directory or a training run directory (then its `best/`)."""
     path = Path(path)
@@ -335,7 +346,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise ValueError(f"{path / 'config.json'}: not a POD checkpoint (format={meta.get('format')!r})")
     if meta.get("version", 0) > CHECKPOINT_VERSION:
         raise ValueError(f"{path / 'config.json'}: checkpoint version {meta['version']} is newer than this code")
-    config = PODConfig(**meta["pod"])
+    config = config_from(PODConfig, meta["pod"], path / "config.json")
     tokenizer = Tokenizer.load(path, config.whole_word_size)
     if tokenizer.vocab_size > config.t5["vocab_size"]:
         raise ValueError(

@@ -117,3 +117,16 @@ def test_pretrained_backbone_grows_rows_for_item_tokens(t5_spiece, tmp_path):
     tok = Tokenizer(tmp_path / "t5" / "spiece.model", items=ItemIndex.token(range(1, 11)))
     model = build_model(tok, backbone=tmp_path / "t5")
     assert model.t5.get_input_embeddings().weight.shape[0] == 32110 == model.config.t5["vocab_size"]
+
+
+def test_a_config_field_this_code_does_not_know_is_refused_by_name(tiny, tmp_path):
+    """A checkpoint from another version of POD (a field added or removed since) is refused with the file and the
+    field's name, not a bare TypeError from the dataclass."""
+    model, tok = tiny
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["pod"]["split_outputs_from"] = None
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"config\.json: unknown PODConfig field\(s\) split_outputs_from"):
+        load_checkpoint(tmp_path / "ckpt")

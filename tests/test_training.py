@@ -355,3 +355,15 @@ def test_explanation_first_trains_explanations_alone_then_both(small_synth, tmp_
     assert [sorted(e["train_loss"]) for e in epochs] == [["explanation"]] * 2 + [["explanation", "sequential"]]
     assert [e["best"] for e in epochs] == [False, False, True]
     assert json.loads((run / "best" / "config.json").read_text())["epoch"] == 3
+
+
+def test_resume_refuses_a_saved_setting_this_code_does_not_know(small_synth, tmp_path):
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(small_synth), out=str(run), tasks=["sequential"], max_steps=2, **FAST)
+    train(cfg)
+    state_file = run / "last" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state["progress"]["config"]["split_outputs"] = False
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"training_state\.json: unknown TrainConfig field\(s\) split_outputs"):
+        train(cfg, resume=True)

@@ -33,7 +33,7 @@ from pod import TASKS, templates
 from pod.dataset import PreparedData
 from pod.ids import item_token, user_token
 from pod.items import DEFAULT_CLUSTERS, DEFAULT_CODEBOOK, DEFAULT_LEAF_SIZE, DEFAULT_LEVELS, ITEM_MODES, ItemIndex
-from pod.model import PODModel, build_model, load_checkpoint, save_checkpoint
+from pod.model import PODModel, build_model, config_from, load_checkpoint, save_checkpoint
 from pod.tokenization import Tokenizer, train_sentencepiece
 from training.samples import (
     SAMPLINGS,
@@ -438,7 +438,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         saved.update(
             {k: v for k, v in asdict(cfg).items() if k in ("epochs", "max_minutes", "max_steps", "progress", "device")}
         )
-        cfg = TrainConfig(**saved)
+        cfg = config_from(TrainConfig, saved, last / "training_state.json")
     data = PreparedData.load(cfg.data)
     cfg = check_config(cfg, data)
     tasks = [t for t in TASKS if t in cfg.tasks and t in data.tasks]
